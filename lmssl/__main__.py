@@ -1,0 +1,82 @@
+"""The command line: `lmssl run | validate | fields`, also as `python -m lmssl` and under
+`accelerate launch -m lmssl run ...`. User mistakes print one paragraph and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from lmssl.errors import LmsslError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmssl", description="Self-supervised pretraining from one recipe file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe's stages in order (skipping up-to-date ones)")
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. stages.pretrain.max_steps=100 (repeatable)")
+    run.add_argument("--run-dir", help="where stage folders go (default: the recipe's run_dir or runs/<name>)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if up to date")
+
+    validate = sub.add_parser("validate", help="check a recipe without running anything")
+    validate.add_argument("recipe")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    fields = sub.add_parser("fields", help="list the fields of a stage kind (or the recipe) with their docs")
+    fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune; omit for the recipe's top level")
+    return parser
+
+
+def _fields(kind: Optional[str]) -> int:
+    import dataclasses
+
+    from lmssl.recipe import Recipe, field_docs
+    from lmssl.stages import STAGES
+
+    if kind and kind not in STAGES:
+        raise LmsslError(f"unknown stage kind {kind!r}; known: {', '.join(STAGES)}")
+    cls = STAGES[kind].Config if kind else Recipe
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in ("source", "raw"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            default = "{...}"
+        print(f"{f.name} = {default!r}\n    {docs.get(f.name, '')}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fields":
+            return _fields(args.kind)
+        from lmssl.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            print(f"{args.recipe}: ok ({len(recipe.stages)} stages: "
+                  + ", ".join(f"{s.name} [{s.kind}]" for s in recipe.stages) + ")")
+            return 0
+        from lmssl.runner import run_recipe
+        from lmssl.training import Interrupted
+
+        try:
+            run_recipe(recipe, run_dir=args.run_dir, force=tuple(args.force))
+        except Interrupted as stop:
+            print(f"lmssl: {stop}", file=sys.stderr)
+            return 130
+        return 0
+    except LmsslError as err:
+        print(f"lmssl: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

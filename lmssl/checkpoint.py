@@ -1,0 +1,145 @@
+"""Resumable training checkpoints: atomic writes, checksummed manifests, latest-valid lookup.
+
+A checkpoint is a folder `step-00000123/` holding the model (safetensors), optimizer, scheduler
+and grad-scaler state (torch tensors, read back with weights_only=True), every process's RNG
+state (JSON) and the loop's position (JSON). It is written under a temporary name and renamed
+only when complete, with a manifest of SHA-256 sums written last, so a folder without a valid
+manifest is never resumed from. Final models are not saved here (see hub.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from lmssl.errors import LmsslError
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as plain JSON."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _complete(folder: Path) -> bool:
+    """True when the manifest exists and every file it lists has the recorded checksum."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return all(_sha256(folder / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under `root`, newest first (valid or not)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def latest_valid(root: Path, log=print) -> Optional[Path]:
+    """The newest checkpoint whose manifest checks out; corrupt or partial ones are reported and skipped."""
+    for folder in checkpoints(root):
+        if _complete(folder):
+            return folder
+        log(f"checkpoint {folder} is incomplete or corrupt; trying the one before it")
+    return None
+
+
+def save(accelerator, root: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+         loop_state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically on every process; keep the newest `keep` checkpoints."""
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    main = accelerator.is_main_process
+    try:
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rank = accelerator.process_index
+        (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+        state_dict_model = accelerator.unwrap_model(model)
+        if main:
+            save_model(state_dict_model, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if getattr(accelerator, "scaler", None) is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "loop.json").write_text(json.dumps(dict(loop_state, step=step, world=accelerator.num_processes)))
+        accelerator.wait_for_everyone()
+        if main:
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoints(root)[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_valid(root, log=lambda _: None)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise LmsslError(f"could not write checkpoint {final}: {err.strerror or err}; {kept}") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, scaler and this process's RNG; return the loop state."""
+    folder = Path(folder)
+    loop_state = json.loads((folder / "loop.json").read_text())
+    if loop_state.get("world", 1) != accelerator.num_processes:
+        raise LmsslError(
+            f"checkpoint {folder} was written by {loop_state['world']} processes and this run has "
+            f"{accelerator.num_processes}; resume with the same number of processes (or --force the stage)"
+        )
+    load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"), device=str(accelerator.device))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    if (folder / "scaler.pt").exists() and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+    rng_file = folder / f"rng-{accelerator.process_index}.json"
+    if rng_file.exists():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return loop_state

@@ -1,0 +1,97 @@
+"""Model families and size presets, built from config with a trained tokenizer's vocabulary.
+
+Objectives choose the head (AutoModelForMaskedLM, BertForPreTraining, AutoModelForCausalLM, ...);
+this module only says what a "bert/tiny" or "llama/small" is, so every output reloads with
+`from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# hidden, layers, heads, intermediate. tiny/mini/small follow Turc et al. 2019 (BERT miniatures).
+SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=2, intermediate=256),
+    "mini": dict(hidden=256, layers=4, heads=4, intermediate=1024),
+    "small": dict(hidden=512, layers=4, heads=8, intermediate=2048),
+    "medium": dict(hidden=512, layers=8, heads=8, intermediate=2048),
+    "base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
+}
+FAMILIES = ("bert", "roberta", "gpt2", "llama")
+MASKED_FAMILIES = ("bert", "roberta")
+CAUSAL_FAMILIES = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """Which transformer to pretrain: a family and size from scratch, or a checkpoint to continue."""
+
+    family: str = "bert"
+    """Architecture family: bert, roberta (masked), gpt2, llama (causal)."""
+    size: str = "tiny"
+    """Size preset: tiny (2x64), mini (4x256), small (4x512), medium (8x512), base (12x768)."""
+    init_from: Optional[str] = None
+    """Warm start from a folder or hub id instead of random initialization."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Any transformers config field, e.g. {hidden_dropout_prob: 0.0, num_hidden_layers: 6}."""
+    dropout: Optional[float] = None
+    """Dropout on hidden states and attention; None keeps the family default (0.1)."""
+
+
+def check_model(cfg: ModelConfig, where: str) -> None:
+    from lmssl.errors import RecipeError
+
+    if cfg.init_from is None:
+        if cfg.family not in FAMILIES:
+            raise RecipeError(f"{where}.family: unknown model family {cfg.family!r}; known: {', '.join(FAMILIES)}")
+        if cfg.size not in SIZES:
+            raise RecipeError(f"{where}.size: unknown size {cfg.size!r}; known: {', '.join(SIZES)}")
+
+
+def build_config(cfg: ModelConfig, tokenizer, max_positions: int):
+    """A transformers config for `cfg` with the tokenizer's vocabulary and special ids."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    s = SIZES[cfg.size]
+    vocab = len(tokenizer)
+    pad = tokenizer.pad_token_id
+    common: dict[str, Any] = dict(vocab_size=vocab, pad_token_id=pad)
+    if cfg.family in ("bert", "roberta"):
+        config_cls = BertConfig if cfg.family == "bert" else RobertaConfig
+        extra = {"max_position_embeddings": max_positions + (2 if cfg.family == "roberta" else 0)}
+        if cfg.family == "roberta":
+            extra["type_vocab_size"] = 1
+        config = config_cls(
+            hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            intermediate_size=s["intermediate"], **extra, **common,
+        )
+        if cfg.dropout is not None:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
+    elif cfg.family == "gpt2":
+        config = GPT2Config(
+            n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], n_inner=s["intermediate"],
+            n_positions=max_positions, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            **common,
+        )
+        if cfg.dropout is not None:
+            config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = cfg.dropout
+    else:
+        config = LlamaConfig(
+            hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"], intermediate_size=s["intermediate"], max_position_embeddings=max_positions,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, **common,
+        )
+        if cfg.dropout is not None:
+            config.attention_dropout = cfg.dropout
+    for key, value in cfg.overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def max_positions_of(config) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            value = getattr(config, key)
+            return value - 2 if getattr(config, "model_type", "") == "roberta" else value
+    return None

@@ -1,0 +1,118 @@
+"""Masked language modeling (Devlin et al. 2019, "BERT"; Liu et al. 2019, "RoBERTa").
+
+Dynamic masking: masks are drawn when a batch is collated, so every epoch sees fresh ones; the
+loop seeds that draw per batch, which keeps resumed runs exact. The vocabulary head runs only on
+the masked positions (about 15% of tokens), not on the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmssl.data.packing import pack_blocks, tokenize_column
+from lmssl.models import MASKED_FAMILIES, build_config
+
+
+@dataclass
+class Options:
+    """Masking options of the mlm objective (objective_args in a recipe)."""
+
+    mask_rate: float = 0.15
+    """Share of (non-special) tokens to predict; BERT's 15%."""
+    mask_token_share: float = 0.8
+    """Of the chosen tokens, this share becomes [MASK] (BERT's 80)..."""
+    random_token_share: float = 0.1
+    """...this share a random token (10); the rest stay as they are (10)."""
+
+
+def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, options: Options, mask_id: int, vocab_size: int):
+    """(masked input ids, labels with -100 where nothing is predicted). `maskable` is False on
+    special and padding tokens, which are never chosen. At least one token per batch is chosen."""
+    probs = torch.where(maskable, options.mask_rate, 0.0)
+    chosen = torch.bernoulli(probs).bool()
+    if not chosen.any() and maskable.any():
+        candidates = maskable.nonzero()
+        pick = candidates[torch.randint(len(candidates), (1,))][0]
+        chosen[pick[0], pick[1]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    inputs = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(inputs.shape, options.mask_token_share)).bool() & chosen
+    inputs[to_mask] = mask_id
+    rest = 1.0 - options.mask_token_share
+    random_share = options.random_token_share / rest if rest > 0 else 0.0
+    to_random = torch.bernoulli(torch.full(inputs.shape, random_share)).bool() & chosen & ~to_mask
+    inputs[to_random] = torch.randint(vocab_size, inputs.shape)[to_random]
+    return inputs, labels
+
+
+class SparseHeadMLM(torch.nn.Module):
+    """Runs the encoder on every token and the vocabulary head only where labels != -100."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head = model.cls if hasattr(model, "cls") else model.lm_head
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+        encoder = self.model.base_model
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        selected = labels != -100                                   # (batch, seq)
+        logits = self.head(hidden[selected])                       # (n_masked, vocab)
+        targets = labels[selected]                                  # (n_masked,)
+        loss = F.cross_entropy(logits.float(), targets)
+        correct = (logits.argmax(-1) == targets).sum()
+        return loss, correct, targets.numel()
+
+
+class MaskedLM:
+    name = "mlm"
+    families = MASKED_FAMILIES
+    stat_names = ("loss", "accuracy")
+    Options = Options
+
+    def __init__(self, options: Options, tokenizer, max_length: int):
+        if tokenizer.mask_token_id is None:
+            from lmssl.errors import LmsslError
+
+            raise LmsslError("the mlm objective needs a tokenizer with a mask token; this one has none")
+        self.options, self.tokenizer, self.max_length = options, tokenizer, max_length
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+
+    def build_model(self, model_cfg):
+        from transformers import AutoModelForMaskedLM
+
+        if model_cfg.init_from:
+            return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from)
+        return AutoModelForMaskedLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
+
+    def prepare(self, dataset, column: str):
+        tok = self.tokenizer
+        ids = tokenize_column(dataset, tok, column)
+        cls = [tok.cls_token_id] if tok.cls_token_id is not None else [tok.bos_token_id]
+        sep = [tok.sep_token_id] if tok.sep_token_id is not None else [tok.eos_token_id]
+        return pack_blocks(ids, self.max_length - 2, separator=sep, prefix=cls, suffix=sep)
+
+    def collate(self, examples):
+        pad = self.tokenizer.pad_token_id
+        longest = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), longest), pad, dtype=torch.long)
+        attention = torch.zeros((len(examples), longest), dtype=torch.long)
+        for i, e in enumerate(examples):
+            input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            attention[i, :len(e["input_ids"])] = 1
+        maskable = attention.bool() & ~torch.isin(input_ids, self.special_ids)
+        inputs, labels = mask_tokens(input_ids, maskable, self.options, self.tokenizer.mask_token_id,
+                                     len(self.tokenizer))
+        return {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+
+    def training_module(self, model):
+        return SparseHeadMLM(model)
+
+    def loss(self, module, batch):
+        loss, correct, count = module(**batch)
+        n = float(count)
+        return loss, {"loss": (loss.item() * n, n), "accuracy": (float(correct), n)}

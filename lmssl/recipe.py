@@ -1,0 +1,487 @@
+"""Recipes: YAML into strict dataclasses, `--set` overrides, and the checks `lmssl validate` runs.
+
+Stage-kind configs live beside their stage (stages/<kind>.py); this module holds what they share
+(StageConfig, DataConfig, TrainingConfig) and the machinery that fills them. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import glob
+import inspect
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import yaml
+
+from lmssl.errors import RecipeError
+
+LOADER_BUILDERS = ("text", "csv", "json", "parquet", "arrow", "imagefolder", "webdataset")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's examples come from: the arguments of `datasets.load_dataset`."""
+
+    path: str = "builtin:pydocs"
+    """A builder (text, csv, json, parquet, imagefolder), a local folder, a hub id, or builtin:NAME (offline, made by lmssl)."""
+    files: Union[str, list[str], dict[str, Union[str, list[str]]], None] = None
+    """data_files: a path or glob, a list, or {split: paths}; .xz/.gz are read as they are. Relative to the working directory."""
+    data_dir: Optional[str] = None
+    """data_dir for folder builders such as imagefolder."""
+    config: Optional[str] = None
+    """The dataset's configuration name (load_dataset's `name`), e.g. wikitext-2-raw-v1."""
+    split: str = "train"
+    """Split to train on."""
+    eval_split: Optional[str] = None
+    """Split to evaluate on; when absent, eval_fraction of the training split is held out."""
+    eval_fraction: float = 0.02
+    """Share of the training split held out for evaluation when there is no eval_split (2%: enough for a stable loss)."""
+    column: str = "text"
+    """The text column (or image column for vision)."""
+    max_samples: Optional[int] = None
+    """Keep only the first N training rows (quick experiments); None keeps all."""
+    streaming: bool = False
+    """Stream instead of downloading/reading everything first (corpora larger than memory or disk)."""
+    encoding: Optional[str] = None
+    """Text encoding of local files (latin-1 for some Gutenberg books); None means UTF-8."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further load_dataset keyword arguments, e.g. {delimiter: "\\t", quoting: 3} for TSV."""
+
+    def check(self, where: str) -> None:
+        """Fail early, offline: local files must exist, a hub id must at least look like one."""
+        if self.path.startswith("builtin:"):
+            from lmssl.data.builtin import BUILTIN
+
+            name = self.path.split(":", 1)[1]
+            if name not in BUILTIN:
+                raise RecipeError(f"{where}.path: unknown builtin dataset {name!r}; known: {', '.join(sorted(BUILTIN))}")
+            return
+        patterns: list[str] = []
+        if isinstance(self.files, str):
+            patterns = [self.files]
+        elif isinstance(self.files, list):
+            patterns = list(self.files)
+        elif isinstance(self.files, dict):
+            for value in self.files.values():
+                patterns += [value] if isinstance(value, str) else list(value)
+        for pattern in patterns:
+            if "://" in pattern:
+                continue
+            if not glob.glob(os.path.expanduser(pattern)):
+                raise RecipeError(f"{where}.files: no file matches {pattern!r} (relative paths start at {os.getcwd()})")
+        if self.data_dir and not Path(self.data_dir).expanduser().exists() and self.path in LOADER_BUILDERS:
+            raise RecipeError(f"{where}.data_dir: folder {self.data_dir!r} does not exist")
+        if self.path in LOADER_BUILDERS:
+            if not patterns and not self.data_dir:
+                raise RecipeError(f"{where}: the {self.path!r} builder needs `files` or `data_dir`")
+            return
+        if Path(self.path).expanduser().exists():
+            return
+        if self.path.startswith((".", "/", "~")) or not HUB_ID.match(self.path):
+            raise RecipeError(
+                f"{where}.path: {self.path!r} is neither an existing local path, a builder "
+                f"({', '.join(LOADER_BUILDERS)}), builtin:NAME, nor a hub id like 'org/name'"
+            )
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has. Fields ending in `_from` name an earlier stage (or a folder/hub id)."""
+
+    name: str = ""
+    """The stage's name: its output folder under the run directory and how later stages refer to it."""
+    kind: str = ""
+    """The stage kind: tokenizer, pretrain, finetune."""
+
+    # Which stage kinds each *_from field may name; a value that is no stage name is a folder or hub id.
+    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def check(self, recipe: "Recipe", earlier: dict[str, "StageConfig"], where: str) -> None:
+        """Kind-specific checks that need no training (files exist, objective fits model)."""
+
+
+@dataclass
+class TrainingConfig(StageConfig):
+    """The knobs of the one training loop (training.py), shared by every training stage."""
+
+    batch_size: int = 32
+    """Examples per device per micro-batch."""
+    learning_rate: float = 5e-4
+    """Peak learning rate after warmup (5e-4 suits small models trained from scratch)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay; never applied to biases and norm weights."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas; 0.98 as in RoBERTa keeps large-batch pretraining stable."""
+    adam_eps: float = 1e-6
+    """AdamW epsilon (RoBERTa's 1e-6)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = 0.06
+    """Share of the steps spent warming up linearly from zero (6% as in RoBERTa)."""
+    warmup_steps: Optional[int] = None
+    """Warmup in steps; overrides warmup_ratio when set."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to this share of the peak (~lr/10, Chinchilla)."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to train; when None, `epochs` decides."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is None (fractions allowed)."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm (1.0 is the BERT/GPT default); None disables clipping."""
+    gradient_accumulation_steps: Optional[int] = None
+    """Micro-batches per optimizer step; None takes the recipe's value."""
+    eval_every: Optional[int] = None
+    """Evaluate every N optimizer steps (and always at the end); None evaluates only at the end."""
+    eval_batches: Optional[int] = None
+    """Cap evaluation at N batches per process; None evaluates the whole eval set."""
+    save_every: Optional[int] = 500
+    """Write a resumable checkpoint every N optimizer steps; None only at interruptions."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (the newest valid one is used on resume)."""
+    log_every: int = 10
+    """Write metrics every N optimizer steps."""
+    max_nonfinite_steps: int = 5
+    """A non-finite loss skips the step; this many in a row stop the run with an error."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 collates in the training process; fine for tokenized text)."""
+
+
+@dataclass
+class Recipe:
+    """A whole run: global settings and the stages in order."""
+
+    name: str = "run"
+    """The run's name; the default run directory is runs/<name>."""
+    seed: int = 0
+    """Seeds every RNG; with the same seed a run is reproducible bit for bit on CPU."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Precision of the run's one Accelerator (bf16 on Ampere+ GPUs; no on CPU)."""
+    gradient_accumulation_steps: int = 1
+    """Default micro-batches per optimizer step for every training stage."""
+    run_dir: Optional[str] = None
+    """Where stage folders go; default runs/<name>. The CLI's --run-dir wins."""
+    hub: dict[str, Any] = field(default_factory=dict)
+    """Push settings (repo prefix, private); pushing happens only when asked."""
+    stages: list[Any] = field(default_factory=list)
+    """The stages, run in order; each is a mapping with name, kind and that kind's fields."""
+    source: Optional[str] = None
+    """The recipe file this came from (filled by load_recipe)."""
+    raw: dict[str, Any] = field(default_factory=dict)
+    """The recipe as loaded, after --set overrides (written into stage.json and model cards)."""
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- typed parsing
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written on the line after each dataclass field, for this class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(_dedented_source(klass))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    if isinstance(nxt.value.value, str):
+                        docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _dedented_source(cls: type) -> str:
+    import textwrap
+
+    return textwrap.dedent(inspect.getsource(cls))
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{where}: {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return parse_dataclass(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{where}: expected a string, got {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> RecipeError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return RecipeError(f"{where}: unknown key {key!r}{hint}")
+
+
+def parse_dataclass(cls: type, data: dict, where: str) -> Any:
+    """Build `cls` from a mapping; unknown keys and wrong types are errors naming the key path."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    public = [n for n in fields if n not in ("source", "raw")]
+    kwargs = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in fields or key in ("source", "raw"):
+            raise unknown_key_error(key, public, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _stage_classes() -> dict[str, type]:
+    from lmssl.stages import STAGES
+
+    return {kind: module.Config for kind, module in STAGES.items()}
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b.c=value` to the raw recipe mapping; stages are addressed by name."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages.pretrain.max_steps=100")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if node is raw and part == "stages" and i == 0:
+            continue
+        if i == 1 and parts[0] == "stages":
+            stages = raw.get("stages") or []
+            match = [s for s in stages if isinstance(s, dict) and s.get("name", s.get("kind")) == part]
+            if not match:
+                names = [s.get("name", s.get("kind")) for s in stages if isinstance(s, dict)]
+                raise RecipeError(f"--set {key}: no stage named {part!r}; stages: {', '.join(map(str, names))}")
+            node = match[0]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {key}: cannot set a field inside {node!r}")
+    node[parts[-1]] = value
+
+
+def _line_of(text: str, where: str) -> Optional[int]:
+    """1-based line of the key at `where` (stages.NAME.a.b) in the YAML text, if it can be found."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    parts = [p for p in re.split(r"[.\[\]]", where) if p]
+    line = None
+    for part in parts:
+        if isinstance(node, yaml.MappingNode):
+            hit = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+            if not hit:
+                break
+            line = hit[0][0].start_mark.line + 1
+            node = hit[0][1]
+        elif isinstance(node, yaml.SequenceNode):
+            chosen = None
+            for item in node.value:
+                if isinstance(item, yaml.MappingNode):
+                    for k, v in item.value:
+                        if k.value in ("name", "kind") and v.value == part:
+                            chosen = chosen or item
+            if part.isdigit() and int(part) < len(node.value):
+                chosen = node.value[int(part)]
+            if chosen is None:
+                break
+            line = chosen.start_mark.line + 1
+            node = chosen
+        else:
+            break
+    return line
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, check: bool = True) -> Recipe:
+    """Read, override, parse and (by default) check a recipe; every mistake is a RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{path}: YAML syntax error{at}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with at least `stages:`, got {type(raw).__name__}")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        recipe = parse_raw(raw)
+        recipe.source = str(path)
+        if check:
+            check_recipe(recipe)
+    except RecipeError as err:
+        message = str(err)
+        key = message.split(":", 1)[0].split(" ")[0]
+        line = _line_of(text, key)
+        where = f"{path}, line {line}" if line else str(path)
+        raise RecipeError(f"{where}: {message}") from None
+    return recipe
+
+
+def parse_raw(raw: dict) -> Recipe:
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError("stages: a recipe needs a non-empty list of stages")
+    top = {k: v for k, v in raw.items() if k != "stages"}
+    recipe = parse_dataclass(Recipe, top, "")
+    classes = _stage_classes()
+    for index, entry in enumerate(stages_raw):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"stages[{index}]: each stage is a mapping with `kind`, got {entry!r}")
+        kind = entry.get("kind")
+        name = entry.get("name", kind)
+        where = f"stages.{name}" if isinstance(name, str) and name else f"stages[{index}]"
+        if kind not in classes:
+            near = difflib.get_close_matches(str(kind), list(classes), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise RecipeError(f"{where}.kind: unknown stage kind {kind!r} (known: {', '.join(classes)}){hint}")
+        entry = dict(entry, name=name)
+        recipe.stages.append(parse_dataclass(classes[kind], entry, where))
+    recipe.raw = raw
+    return recipe
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Cross-stage checks: unique names, references to earlier stages of the right kind, files."""
+    seen: dict[str, StageConfig] = {}
+    order = {s.name: i for i, s in enumerate(recipe.stages)}
+    for stage in recipe.stages:
+        where = f"stages.{stage.name}"
+        if stage.name in seen:
+            raise RecipeError(f"{where}.name: two stages are named {stage.name!r}; names must be unique")
+        if not re.match(r"^[A-Za-z0-9][\w.-]*$", stage.name):
+            raise RecipeError(f"{where}.name: {stage.name!r} must be a plain folder name (letters, digits, . _ -)")
+        for ref, kinds in stage.REFERENCES.items():
+            value = getattr(stage, ref)
+            if value is None:
+                continue
+            if value in seen:
+                if seen[value].kind not in kinds:
+                    raise RecipeError(
+                        f"{where}.{ref}: stage {value!r} is a {seen[value].kind} stage; {ref} needs one of: {', '.join(kinds)}"
+                    )
+            elif value in order:
+                raise RecipeError(
+                    f"{where}.{ref}: stage {value!r} comes later in the recipe; a stage can only use earlier stages"
+                )
+            elif Path(value).expanduser().exists():
+                continue
+            elif value.startswith((".", "/", "~")) or not HUB_ID.match(value) or "/" not in value:
+                raise RecipeError(
+                    f"{where}.{ref}: {value!r} names no earlier stage ({', '.join(seen) or 'none'}), "
+                    "no existing folder, and is not a hub id like 'org/name'"
+                )
+        stage.check(recipe, dict(seen), where)
+        seen[stage.name] = stage

@@ -1,0 +1,225 @@
+"""run_recipe(): the one Accelerator of a run, stages in order, fingerprints, skip and resume.
+
+A stage works in RUN_DIR/.partial/<name>-<fingerprint>/ and is renamed to RUN_DIR/<name>/ only
+when complete, with stage.json beside its outputs. A re-run skips stages whose fingerprint (own
+config + inputs' fingerprints) is unchanged; an interrupted stage finds its partial folder and
+its checkpoints again and resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import os
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lmssl.recipe import Recipe, StageConfig
+
+# Fields that change how a stage reports or checkpoints, not what it produces.
+NOT_FINGERPRINTED = {"log_every", "save_every", "keep_checkpoints", "num_workers", "eval_every", "push_to_hub"}
+
+
+@dataclass
+class StageResult:
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    headline: dict[str, Any] = field(default_factory=dict)
+    """The few metrics the run summary shows for this stage."""
+    report: str = ""
+    """Markdown the stage adds to summary.md (e.g. a results table)."""
+    fingerprint: str = ""
+
+
+@dataclass
+class StageContext:
+    accelerator: Any
+    run_dir: Path
+    outputs: dict[str, StageResult]
+    out_dir: Path
+    """Where this stage writes; renamed to run_dir/<name> when the stage completes."""
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    recipe_raw: dict = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def main_process_first(self):
+        """Tokenize/prepare on the main process first (cached), then the others read the cache."""
+        return self.accelerator.main_process_first()
+
+    def print(self, *args) -> None:
+        self.accelerator.print(*args)
+
+    def resolve(self, reference: Optional[str]) -> Optional[Path | str]:
+        """A *_from value: an earlier stage's folder, else the folder or hub id as given."""
+        if reference is None:
+            return None
+        if reference in self.outputs:
+            return self.outputs[reference].path
+        return reference
+
+
+def _folder_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            stat = p.stat()
+            digest.update(f"{p.relative_to(path)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()
+
+
+def _patterns(value: Any, under_data_key: bool = False) -> list[str]:
+    """Every string found under a `files` or `data_dir` key, at any depth of a config."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _patterns(v, under_data_key or k in ("files", "data_dir"))]
+    if isinstance(value, list):
+        return [p for v in value for p in _patterns(v, under_data_key)]
+    return [value] if under_data_key and isinstance(value, str) else []
+
+
+def _data_fingerprint(config: dict) -> list[str]:
+    """Local data files and folders by name, size and mtime (a changed corpus re-runs the stage)."""
+    found = []
+    for pattern in _patterns(config):
+        for name in sorted(glob.glob(os.path.expanduser(pattern))):
+            path = Path(name)
+            if path.is_file():
+                stat = path.stat()
+                found.append(f"{name}:{stat.st_size}:{int(stat.st_mtime)}")
+            elif path.is_dir():
+                found.append(f"{name}:{_folder_fingerprint(path)}")
+    return found
+
+
+def fingerprint(stage: StageConfig, recipe: Recipe, outputs: dict[str, StageResult]) -> str:
+    config = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_FINGERPRINTED}
+    inputs = {}
+    for ref in stage.REFERENCES:
+        value = getattr(stage, ref)
+        if value in outputs:
+            inputs[ref] = outputs[value].fingerprint
+        elif value and Path(value).exists():
+            inputs[ref] = _folder_fingerprint(Path(value))
+    payload = {
+        "config": config, "inputs": inputs, "data": _data_fingerprint(config),
+        "run": {"seed": recipe.seed, "mixed_precision": recipe.mixed_precision,
+                "gradient_accumulation_steps": recipe.gradient_accumulation_steps},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=recipe.mixed_precision,
+                              gradient_accumulation_steps=recipe.gradient_accumulation_steps)
+    set_seed(recipe.seed)
+    return accelerator
+
+
+def _quiet_libraries(is_main: bool) -> None:
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    if not is_main:
+        datasets.disable_progress_bars()
+
+
+def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tuple[str, ...] = (),
+               accelerator=None) -> dict[str, StageResult]:
+    """Run every stage of `recipe` in order; return their results by stage name."""
+    from lmssl.hub import library_versions, write_json
+    from lmssl.stages import STAGES
+    from lmssl.tracking import write_summary
+
+    run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
+    accelerator = accelerator or make_accelerator(recipe)
+    _quiet_libraries(accelerator.is_main_process)
+    unknown = [name for name in force if name not in {s.name for s in recipe.stages}]
+    if unknown:
+        from lmssl.errors import RecipeError
+
+        raise RecipeError(f"--force {unknown[0]}: no such stage; stages: {', '.join(s.name for s in recipe.stages)}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    outputs: dict[str, StageResult] = {}
+    rows = []
+    for stage in recipe.stages:
+        started = time.time()
+        fp = fingerprint(stage, recipe, outputs)
+        final = run_dir / stage.name
+        record_file = final / "stage.json"
+        if stage.name not in force and record_file.exists():
+            record = json.loads(record_file.read_text())
+            if record.get("fingerprint") == fp:
+                result = StageResult(final, record.get("metrics", {}), record.get("headline", {}),
+                                     record.get("report", ""), fp)
+                outputs[stage.name] = result
+                rows.append({"name": stage.name, "kind": stage.kind, "status": "skipped (up to date)",
+                             "seconds": time.time() - started, "headline": result.headline, "report": result.report})
+                accelerator.print(f"[{stage.name}] up to date, skipped")
+                continue
+
+        partial = run_dir / ".partial" / f"{stage.name}-{fp[:16]}"
+        if accelerator.is_main_process:
+            for stale in (run_dir / ".partial").glob(f"{stage.name}-*"):
+                if stale != partial:
+                    shutil.rmtree(stale, ignore_errors=True)
+            resuming = partial.exists()
+            partial.mkdir(parents=True, exist_ok=True)
+            accelerator.print(f"[{stage.name}] {'resuming' if resuming else 'running'} ({stage.kind})")
+        accelerator.wait_for_everyone()
+        ctx = StageContext(
+            accelerator=accelerator, run_dir=run_dir, outputs=dict(outputs), out_dir=partial, seed=recipe.seed,
+            gradient_accumulation_steps=getattr(stage, "gradient_accumulation_steps", None)
+            or recipe.gradient_accumulation_steps,
+            recipe_raw=recipe.raw,
+        )
+        result = STAGES[stage.kind].run(stage, ctx)
+        result.fingerprint = fp
+        seconds = time.time() - started
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+            write_json(partial / "stage.json", {
+                "name": stage.name, "kind": stage.kind, "fingerprint": fp,
+                "config": dataclasses.asdict(stage), "metrics": result.metrics, "headline": result.headline,
+                "report": result.report, "seconds": round(seconds, 2), "versions": library_versions(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+            old = run_dir / f".old-{stage.name}"
+            if final.exists():
+                final.rename(old)
+            partial.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        result.path = final
+        outputs[stage.name] = result
+        rows.append({"name": stage.name, "kind": stage.kind, "status": "done", "seconds": seconds,
+                     "headline": result.headline, "report": result.report})
+
+    if accelerator.is_main_process:
+        with contextlib.suppress(OSError):
+            (run_dir / ".partial").rmdir()
+        extra = [row["report"] for row in rows if row["report"]]
+        text = write_summary(run_dir, recipe.name, rows, extra)
+        print("\n" + text + f"\nOutputs in {run_dir}/ (summary.md, one folder per stage)")
+    return outputs

@@ -1,0 +1,85 @@
+"""The `pretrain` stage: self-supervised training of a transformers model with one objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lmssl.errors import RecipeError
+from lmssl.models import ModelConfig, check_model
+from lmssl.recipe import DataConfig, TrainingConfig, parse_dataclass
+
+
+@dataclass
+class Config(TrainingConfig):
+    objective: str = "mlm"
+    """The self-supervised objective: mlm (see lmssl/objectives for all)."""
+    objective_args: dict[str, Any] = field(default_factory=dict)
+    """The objective's own options, e.g. {mask_rate: 0.15} for mlm."""
+    tokenizer_from: Optional[str] = None
+    """A tokenizer stage, folder or hub id; None takes the tokenizer of model.init_from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture family and size, or a checkpoint to warm-start from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The unlabeled text."""
+    max_length: int = 128
+    """Tokens per training sequence (BERT pretrains mostly at 128)."""
+
+    REFERENCES = {"tokenizer_from": ("tokenizer",)}
+
+    def check(self, recipe, earlier, where: str) -> None:
+        from lmssl.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise RecipeError(f"{where}.objective: unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}")
+        objective = OBJECTIVES[self.objective]
+        parse_dataclass(objective.Options, self.objective_args, f"{where}.objective_args")
+        check_model(self.model, f"{where}.model")
+        if self.model.init_from is None and self.model.family not in objective.families:
+            raise RecipeError(
+                f"{where}.model.family: the {self.objective} objective needs one of "
+                f"{', '.join(objective.families)}, not {self.model.family!r}"
+            )
+        if self.tokenizer_from is None and self.model.init_from is None:
+            raise RecipeError(f"{where}.tokenizer_from: a model trained from scratch needs a tokenizer stage or folder")
+        self.data.check(f"{where}.data")
+
+
+def run(cfg: Config, ctx):
+    from transformers import AutoTokenizer
+
+    from lmssl.data.text import load_splits
+    from lmssl.hub import save_model, write_model_card
+    from lmssl.objectives import OBJECTIVES
+    from lmssl.runner import StageResult
+    from lmssl.training import train
+
+    where = f"stages.{cfg.name}"
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.resolve(cfg.tokenizer_from) or cfg.model.init_from))
+    objective_cls = OBJECTIVES[cfg.objective]
+    objective = objective_cls(parse_dataclass(objective_cls.Options, cfg.objective_args, where), tokenizer,
+                              cfg.max_length)
+    with ctx.main_process_first():
+        train_text, eval_text = load_splits(cfg.data, ctx.seed, where)
+        train_data = objective.prepare(train_text, cfg.data.column)
+        eval_data = objective.prepare(eval_text, cfg.data.column) if eval_text is not None else None
+    model = objective.build_model(cfg.model)
+    result = train(objective, model, train_data, eval_data, cfg, ctx.accelerator, ctx.out_dir, ctx.ckpt_dir,
+                   ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name)
+    save_model(ctx.accelerator, model, ctx.out_dir, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = dict(result.metrics, steps=result.steps, parameters=n_params,
+                   train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
+    if ctx.is_main:
+        family = model.config.model_type
+        write_model_card(
+            ctx.out_dir, title=f"{family} pretrained with {cfg.objective} ({cfg.name})",
+            summary=f"A {n_params / 1e6:.1f}M-parameter {family} model pretrained from "
+                    f"{'scratch' if not cfg.model.init_from else cfg.model.init_from} with the `{cfg.objective}` "
+                    f"objective for {result.steps} steps on `{cfg.data.path}` by lmssl.",
+            recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics=metrics,
+            pipeline_tag="fill-mask" if cfg.objective.startswith(("mlm", "sop")) else "text-generation",
+            tags=(cfg.objective, family),
+        )
+    headline = {k: v for k, v in metrics.items() if k in ("eval/loss", "eval/accuracy", "eval/perplexity", "steps")}
+    return StageResult(ctx.out_dir, metrics, headline=headline)

@@ -1,0 +1,287 @@
+"""The one training loop, for every objective. Read it top to bottom.
+
+Data order is a pure function of (seed, epoch): micro-batch g of the run is slice g of a seeded
+permutation, so a resumed run starts at batch g without replaying anything. Every micro-batch
+also reseeds the RNGs from (seed, g, rank) before collating (dynamic masking, crops) and before
+the forward pass (dropout), which makes a resumed run bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lmssl import checkpoint
+from lmssl.errors import LmsslError
+from lmssl.evaluation import evaluate_objective
+from lmssl.tracking import Tracker, count_units
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the stage can be resumed."""
+
+
+def seed_all(key: int) -> None:
+    key %= 2**32
+    random.seed(key)
+    np.random.seed(key)
+    torch.manual_seed(key)
+
+
+def batch_key(seed: int, micro: int, rank: int) -> int:
+    """A distinct, reproducible RNG seed for micro-batch `micro` on process `rank`."""
+    return (seed * 1_000_003 + micro * 7_919 + rank * 104_729 + 17) % 2**32
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """Serves (key, example) pairs so collation can be seeded by the batch's key, in workers too."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keyed: list[tuple[int, int]]) -> list[tuple[int, dict]]:
+        rows = self.dataset[[i for _, i in keyed]]
+        columns = list(rows)
+        return [(k, {c: rows[c][j] for c in columns}) for j, (k, _) in enumerate(keyed)]
+
+    def __getitem__(self, keyed: tuple[int, int]):
+        return keyed[0], self.dataset[keyed[1]]
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Micro-batches [start, stop) of the run for one process: seeded per-epoch permutations,
+    global micro-batch g holding slice g*world+rank of size batch_size."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int, stop: int,
+                 shuffle: bool = True):
+        self.n, self.bs, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.start, self.stop, self.shuffle = start, stop, shuffle
+        self.per_epoch = n // (batch_size * world)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, perm = -1, None
+        for g in range(self.start, self.stop):
+            if g // self.per_epoch != epoch:
+                epoch = g // self.per_epoch
+                if self.shuffle:
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7 + epoch))
+                else:
+                    perm = torch.arange(self.n)
+            begin = ((g % self.per_epoch) * self.world + self.rank) * self.bs
+            key = batch_key(self.seed, g, self.rank)
+            yield [(key, int(i)) for i in perm[begin:begin + self.bs]]
+
+
+def make_collate(collate):
+    def keyed_collate(pairs):
+        seed_all(pairs[0][0])
+        batch = collate([example for _, example in pairs])
+        batch["_key"] = pairs[0][0]
+        return batch
+
+    return keyed_collate
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm weights (every 1-d tensor) are left alone."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress * (1.0 - min_ratio)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag the loop checks after every optimizer step; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.raised and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.raised = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+
+
+def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, accelerator, out_dir: Path,
+          ckpt_dir: Path, seed: int, accumulation: int, desc: str = "train") -> TrainResult:
+    """Train `model` with `objective` for cfg.max_steps (or cfg.epochs); resume from ckpt_dir if it holds one."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = len(train_data) // (cfg.batch_size * world)
+    if per_epoch == 0:
+        raise LmsslError(
+            f"{desc}: the training data has {len(train_data)} examples, fewer than one batch of "
+            f"{cfg.batch_size} x {world} process(es); lower batch_size or add data"
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / accumulation))
+    total_micro = total_steps * accumulation
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+
+    accelerator.gradient_accumulation_steps = accumulation
+    seed_all(seed)
+    module = objective.training_module(model) if hasattr(objective, "training_module") else model
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                  fused=accelerator.device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps,
+                                                                       cfg.min_lr_ratio))
+    module, optimizer = accelerator.prepare(module, optimizer)
+
+    step, micro, nonfinite_run, nonfinite_total, history = 0, 0, 0, 0, []
+    latest = checkpoint.latest_valid(ckpt_dir, log=accelerator.print) if ckpt_dir else None
+    if latest is not None:
+        state = checkpoint.load(accelerator, latest, module, optimizer, scheduler)
+        step, micro = state["step"], state["micro"]
+        nonfinite_run, nonfinite_total = state["nonfinite_run"], state["nonfinite_total"]
+        history = state.get("history", [])
+        accelerator.print(f"{desc}: resuming from {latest.name} (step {step}/{total_steps}, "
+                          f"micro-batch {micro}, epoch {micro // per_epoch})")
+    accelerator.step = micro % accumulation
+
+    loader = DataLoader(
+        KeyedDataset(train_data),
+        batch_sampler=ResumableBatches(len(train_data), cfg.batch_size, world, rank, seed, micro, total_micro),
+        collate_fn=make_collate(objective.collate), num_workers=cfg.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    tracker = Tracker(out_dir, accelerator.is_main_process, total_steps, step, desc)
+
+    def loop_state() -> dict[str, Any]:
+        return {"micro": micro, "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
+                "history": history}
+
+    def run_eval() -> dict[str, float]:
+        if eval_data is None or len(eval_data) == 0:
+            return {}
+        result = evaluate_objective(objective, module, eval_data, cfg.batch_size, accelerator, seed,
+                                    max_batches=cfg.eval_batches)
+        module.train()
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    module.train()
+    running, running_n, step_bad = 0.0, 0, False
+    last_eval: dict[str, float] = {}
+    with _StopFlag() as stop:
+        for batch in loader:
+            key = batch.pop("_key")
+            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            n_units, unit = count_units(batch)
+            tracker.add_units(n_units * world, unit)
+            seed_all(key + 1)  # dropout and any in-model sampling
+            with accelerator.accumulate(module):
+                loss, _ = objective.loss(module, batch)
+                bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).item() else 1.0, device=accelerator.device)
+                if world > 1:
+                    bad = accelerator.reduce(bad, "sum")
+                if bad.item() > 0:
+                    step_bad = True
+                else:
+                    accelerator.backward(loss)
+                    running += loss.detach().float().item()
+                    running_n += 1
+                if accelerator.sync_gradients:
+                    if step_bad:
+                        nonfinite_run += 1
+                        nonfinite_total += 1
+                    else:
+                        nonfinite_run = 0
+                        if cfg.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            step_bad = False
+            scheduler.step()
+            lr = scheduler.get_last_lr()[0]
+            tracker.step(step, running / max(1, running_n), lr)
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                raise LmsslError(
+                    f"{desc}: the loss was not finite for {nonfinite_run} steps in a row (step {step}); "
+                    "lower the learning rate or use bf16 instead of fp16. The last good checkpoint is kept."
+                )
+            if step % cfg.log_every == 0 or step == total_steps:
+                record = {"train/loss": running / max(1, running_n), "train/lr": lr,
+                          f"train/{tracker.unit_name}_per_s": tracker.rate, "train/nonfinite_steps": nonfinite_total}
+                tracker.log(step, record)
+                history.append({"step": step, **record})
+                running, running_n = 0.0, 0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                last_eval = run_eval()
+                tracker.log(step, last_eval)
+                tracker.write(f"{desc} step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+                history.append({"step": step, **last_eval})
+            stop_now = torch.tensor(1.0 if stop.raised else 0.0, device=accelerator.device)
+            if world > 1:
+                stop_now = accelerator.reduce(stop_now, "sum")
+            if ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0 and step < total_steps)
+                             or stop_now.item() > 0):
+                checkpoint.save(accelerator, ckpt_dir, step, module, optimizer, scheduler, loop_state(),
+                                cfg.keep_checkpoints)
+            if stop_now.item() > 0:
+                tracker.close()
+                raise Interrupted(f"{desc}: interrupted at step {step}; checkpoint written, run again to resume")
+
+    last_eval = run_eval()
+    tracker.log(step, last_eval)
+    history.append({"step": step, **last_eval})
+    tracker.close()
+    train_losses = [h["train/loss"] for h in history if "train/loss" in h]
+    metrics = dict(last_eval)
+    if train_losses:
+        metrics["train/loss"] = train_losses[-1]
+    metrics["train/nonfinite_steps"] = float(nonfinite_total)
+    metrics[f"train/{tracker.unit_name}"] = float(tracker.units)
+    return TrainResult(steps=step, metrics=metrics, history=history)

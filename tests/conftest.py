@@ -1,0 +1,45 @@
+"""Shared test setup: offline HF libraries, a private cache, and the real-data locator.
+
+Tests that need ../shared/data take the `data_dir` fixture (or call `shared_file`): it skips
+with a reason when the data is absent, and fails instead when LMSSL_REQUIRE_DATA=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("LMSSL_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def shared_file(relative: str) -> Path:
+    """Path of a file under the shared data folder, or skip (fail under LMSSL_REQUIRE_DATA=1)."""
+    path = data_root() / relative
+    if not path.exists():
+        message = f"real data {path} is absent (set LMSSL_DATA_DIR to the shared/data folder)"
+        if os.environ.get("LMSSL_REQUIRE_DATA") == "1":
+            pytest.fail(message + " and LMSSL_REQUIRE_DATA=1")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return shared_file("")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Builtin datasets are harvested once per session into a temp cache, never into ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "lmssl-cache"
+    monkeypatch.setenv("LMSSL_CACHE", str(cache))
