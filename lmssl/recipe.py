@@ -237,6 +237,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:  # Optional[X]: say what X expected
+            return _coerce(value, non_null[0], where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -309,7 +312,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def unknown_key_error(key: str, valid: list[str], where: str) -> RecipeError:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
-    return RecipeError(f"{where}: unknown key {key!r}{hint}")
+    path = f"{where}.{key}" if where else key
+    return RecipeError(f"{path}: unknown key {key!r}{hint}")
 
 
 def parse_dataclass(cls: type, data: dict, where: str) -> Any:

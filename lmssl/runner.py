@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lmssl.data.builtin import FORMAT as BUILTIN_FORMAT
 from lmssl.recipe import Recipe, StageConfig
 
 # Fields that change how a stage reports or checkpoints, not what it produces.
@@ -115,6 +116,7 @@ def fingerprint(stage: StageConfig, recipe: Recipe, outputs: dict[str, StageResu
             inputs[ref] = _folder_fingerprint(Path(value))
     payload = {
         "config": config, "inputs": inputs, "data": _data_fingerprint(config),
+        "builtin_data_format": BUILTIN_FORMAT,
         "run": {"seed": recipe.seed, "mixed_precision": recipe.mixed_precision,
                 "gradient_accumulation_steps": recipe.gradient_accumulation_steps},
     }

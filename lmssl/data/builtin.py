@@ -1,11 +1,10 @@
 """Offline default data, made by lmssl at run time from the documentation that ships with Python.
 
-`builtin:pydocs` is an unlabeled English corpus (~2 MB): every docstring of the standard library
+`builtin:pydocs` is an unlabeled English corpus (~2 MB): the docstrings of the standard library
 (read with `ast`, nothing is imported) and the language-reference topics of `pydoc_data`.
-`builtin:pydocs-wordorder` is a labeled task built from the same kind of text: is this sentence as
-written (1), or were two of its words swapped (0)? Word order is what masked-LM pretraining learns
-and what a bag of words cannot see, so pretraining measurably helps it.
-The task's sentences come from modules held out of the corpus, so pretraining never sees them.
+`builtin:pydocs-topic` is a labeled task from the same kind of text: which area of the standard
+library (GUI, networking, mail, testing, ...) does a docstring document? A quarter of the
+docstrings of those areas are held out of the corpus for it, so pretraining never sees them.
 """
 
 from __future__ import annotations
@@ -14,21 +13,35 @@ import ast
 import hashlib
 import json
 import os
-import random
 import re
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-FORMAT = 2  # bump when the harvested text changes, so caches are rebuilt
+FORMAT = 5  # bump when the harvested text changes, so caches are rebuilt
 SKIPPED_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
-def _heldout(module: str) -> bool:
-    """About one module in eight is held out of the corpus for the downstream task."""
-    return hashlib.sha1(module.encode()).digest()[0] % 8 == 0
+AREAS = {  # label -> the top-level standard-library modules that document it
+    "gui": "tkinter turtle",
+    "concurrency": "asyncio concurrent threading multiprocessing queue selectors sched",
+    "mail": "email mailbox smtplib imaplib poplib nntplib mimetypes",
+    "network": "http urllib xmlrpc socketserver wsgiref ftplib socket ssl",
+    "markup": "xml html",
+    "testing": "unittest doctest pdb bdb trace profile cProfile pstats timeit",
+    "numbers": "decimal _pydecimal fractions statistics random numbers",
+    "packaging": "importlib pkgutil zipimport modulefinder runpy distutils ensurepip venv",
+    "files": "pathlib os shutil tarfile zipfile glob fnmatch tempfile filecmp _pyio gzip bz2 lzma",
+    "text": "string textwrap re difflib codecs encodings",
+}
+AREA_OF = {module: area for area, modules in AREAS.items() for module in modules.split()}
+LABELS = sorted(AREAS)
+
+
+def _heldout(module: str, doc: str) -> bool:
+    """A quarter of the docstrings of the labeled areas are held out of the corpus for the task."""
+    return module in AREA_OF and hashlib.sha1(doc.encode()).digest()[0] % 4 == 0
 
 
 def _clean(doc: str) -> str:
@@ -66,46 +79,24 @@ def _topics() -> Iterator[str]:
 
 def corpus_rows() -> Iterator[dict]:
     for module, doc in _docstrings():
-        if not _heldout(module):
+        if not _heldout(module, doc):
             yield {"text": doc}
     for text in _topics():
         yield {"text": text}
 
 
-def _sentences() -> Iterator[str]:
+def topic_rows() -> Iterator[dict]:
+    """Held-out docstrings labeled with their area; one in five goes to the validation split."""
     for module, doc in _docstrings():
-        if not _heldout(module):
-            continue
-        for paragraph in doc.splitlines():
-            for sentence in SENTENCE_END.split(paragraph):
-                words = sentence.split()
-                if 6 <= len(words) <= 40 and sentence.endswith(".") and re.match(r"^[A-Z][a-z]", sentence):
-                    yield sentence
-
-
-def wordorder_rows() -> Iterator[dict]:
-    """Half the sentences as written (label 1), half with two words at distance 1-3 swapped (label 0)."""
-    rng = random.Random(1234)
-    sentences = sorted(set(_sentences()))
-    rng.shuffle(sentences)
-    for i, sentence in enumerate(sentences):
-        words = sentence.split()
-        split = "validation" if i % 5 == 0 else "train"
-        if i % 2 == 0:
-            yield {"sentence": sentence, "label": 1, "split": split}
-            continue
-        for _ in range(10):  # find two different words to swap
-            a = rng.randrange(len(words) - 1)
-            b = min(len(words) - 1, a + rng.randint(1, 3))
-            if words[a].lower() != words[b].lower():
-                break
-        words[a], words[b] = words[b], words[a]
-        yield {"sentence": " ".join(words), "label": 0, "split": split}
+        if _heldout(module, doc):
+            digest = hashlib.sha1(doc.encode()).digest()
+            split = "validation" if digest[1] % 5 == 0 else "train"
+            yield {"text": doc.replace("\n", " "), "label": LABELS.index(AREA_OF[module]), "split": split}
 
 
 BUILTIN = {
     "pydocs": corpus_rows,
-    "pydocs-wordorder": wordorder_rows,
+    "pydocs-topic": topic_rows,
 }
 
 

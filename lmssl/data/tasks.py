@@ -1,6 +1,6 @@
 """Downstream tasks by name: where the labeled data is and which columns hold texts and labels.
 
-A recipe names a task (`pydocs-wordorder`) or describes its own with the same fields.
+A recipe names a task (`pydocs-replaced`) or describes its own with the same fields.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ class TaskSpec:
 
 
 BUILTIN_TASKS = {
-    "pydocs-wordorder": TaskSpec(
-        name="pydocs-wordorder",
-        data=DataConfig(path="builtin:pydocs-wordorder", column="sentence"),
-        text_column="sentence", label_column="label", num_labels=2,
+    "pydocs-topic": TaskSpec(
+        name="pydocs-topic",
+        data=DataConfig(path="builtin:pydocs-topic", column="text"),
+        text_column="text", label_column="label", num_labels=10,
     ),
 }
 

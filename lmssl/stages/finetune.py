@@ -16,7 +16,7 @@ from lmssl.recipe import TrainingConfig
 class Config(TrainingConfig):
     model_from: Optional[str] = None
     """A pretrain stage, a folder or a hub id; its tokenizer comes with it."""
-    tasks: list[Union[str, TaskSpec]] = field(default_factory=lambda: ["pydocs-wordorder"])
+    tasks: list[Union[str, TaskSpec]] = field(default_factory=lambda: ["pydocs-topic"])
     """Task names (builtin) or task descriptions (data, text/label columns)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Fine-tune once per seed; results are mean and standard deviation over seeds."""
