@@ -1,0 +1,101 @@
+"""The whole chain on CPU with tiny models: tokenizer -> MLM pretraining -> fine-tuning (with a
+from-scratch baseline). Outputs reload with the Auto classes; a second run skips every stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from lmssl.recipe import load_recipe
+from lmssl.runner import run_recipe
+
+TINY_CHAIN = """\
+name: tiny-chain
+seed: 0
+stages:
+  - {name: tok, kind: tokenizer, vocab_size: 1500, data: {path: "builtin:pydocs", max_samples: 1500}}
+  - name: pre
+    kind: pretrain
+    tokenizer_from: tok
+    model: {family: bert, size: tiny}
+    data: {path: "builtin:pydocs", max_samples: 1500}
+    max_length: 64
+    batch_size: 16
+    learning_rate: 2.0e-3
+    max_steps: 60
+    eval_every: 30
+    save_every: 20
+  - name: ft
+    kind: finetune
+    model_from: pre
+    tasks: [pydocs-topic]
+    scratch_baseline: true
+    max_length: 64
+    batch_size: 32
+    epochs: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    (root / "recipe.yaml").write_text(TINY_CHAIN)
+    recipe = load_recipe(root / "recipe.yaml")
+    outputs = run_recipe(recipe, run_dir=root / "run")
+    return root, recipe, outputs
+
+
+def test_chain_outputs_reload_with_auto_classes(chain):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    root, _, outputs = chain
+    run = root / "run"
+    tokenizer = AutoTokenizer.from_pretrained(run / "tok")
+    pair = tokenizer("first part", "second part")
+    assert tokenizer.convert_ids_to_tokens(pair["input_ids"])[0] == "[CLS]"
+    assert set(pair["token_type_ids"]) == {0, 1}
+    mlm = AutoModelForMaskedLM.from_pretrained(run / "pre")
+    assert mlm.config.vocab_size == len(tokenizer)
+    assert (run / "pre" / "model.safetensors").exists() and not list((run / "pre").glob("*.bin"))
+    clf = AutoModelForSequenceClassification.from_pretrained(run / "ft" / "pydocs-topic")
+    assert clf.config.num_labels == 10
+    assert not (run / "pre" / "checkpoints").exists(), "checkpoints are removed once a stage completes"
+    assert not (run / ".partial").exists()
+
+
+def test_chain_records_metrics_summary_and_cards(chain):
+    root, _, outputs = chain
+    run = root / "run"
+    record = json.loads((run / "pre" / "stage.json").read_text())
+    assert record["metrics"]["steps"] == 60 and record["fingerprint"]
+    losses = [json.loads(l)["train/loss"] for l in (run / "pre" / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in l]
+    assert losses[-1] < losses[0] - 1.0, "MLM loss should fall well within 60 steps"
+    assert (run / "pre" / "loss.png").stat().st_size > 1000
+    summary = (run / "summary.md").read_text()
+    assert "| pydocs-topic | pretrained | accuracy |" in summary and "| pydocs-topic | scratch | accuracy |" in summary
+    card = (run / "pre" / "README.md").read_text()
+    assert "```yaml" in card and "tiny-chain" in card and "eval/loss" in card
+    assert 0.0 <= outputs["ft"].metrics["pydocs-topic/pretrained/accuracy"] <= 1.0
+
+
+def test_second_run_skips_every_finished_stage(chain):
+    root, recipe, _ = chain
+    started = time.perf_counter()
+    outputs = run_recipe(recipe, run_dir=root / "run")
+    assert time.perf_counter() - started < 10  # generous: skipping reads three stage.json files
+    summary = (root / "run" / "summary.md").read_text()
+    assert summary.count("skipped (up to date)") == 3
+    assert outputs["pre"].metrics["steps"] == 60
+
+
+def test_changed_config_reruns_that_stage_and_its_dependents(chain, tmp_path):
+    root, _, _ = chain
+    changed = load_recipe(root / "recipe.yaml", ["stages.ft.epochs=0.5"])
+    run_recipe(changed, run_dir=root / "run")
+    summary = (root / "run" / "summary.md").read_text()
+    assert summary.count("skipped (up to date)") == 2
+    assert "| ft | finetune | done |" in summary

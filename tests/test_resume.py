@@ -1,0 +1,105 @@
+"""Runs that survive: SIGKILL at random moments during pretraining, resume each time, and end
+with weights bit-identical to an uninterrupted run; SIGTERM writes a checkpoint and exits."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+RECIPE = """\
+name: resume
+seed: 3
+stages:
+  - {name: tok, kind: tokenizer, vocab_size: 800, data: {path: "builtin:pydocs", max_samples: 600}}
+  - name: pre
+    kind: pretrain
+    tokenizer_from: tok
+    model: {family: bert, size: tiny}
+    data: {path: "builtin:pydocs", max_samples: 600}
+    max_length: 32
+    batch_size: 8
+    max_steps: 120
+    save_every: 7
+    keep_checkpoints: 2
+    eval_every: 50
+"""
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cmd(recipe: Path, run_dir: Path):
+    return [sys.executable, "-m", "lmssl", "run", str(recipe), "--run-dir", str(run_dir)]
+
+
+def _newest_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in run_dir.glob(".partial/pre-*/checkpoints/step-*")]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    proc = subprocess.run(_cmd(recipe, root / "run"), capture_output=True, text=True, env=_env(), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return recipe, load_file(root / "run" / "pre" / "model.safetensors")
+
+
+def test_sigkill_at_random_steps_then_resume_gives_identical_weights(reference, tmp_path):
+    recipe, expected = reference
+    run_dir = tmp_path / "run"
+    rng = random.Random(0)
+    kills = 0
+    for target in sorted(rng.sample(range(8, 110), 3)):
+        proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=_env(), cwd=tmp_path, text=True)
+        deadline = time.time() + 240
+        while proc.poll() is None and _newest_step(run_dir) < target and time.time() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the run finished before it could be killed"
+    assert _newest_step(run_dir) > 0
+    final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resuming from step-" in final.stdout + final.stderr
+    got = load_file(run_dir / "pre" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert (got[name] == expected[name]).all(), f"{name} differs after kill/resume"
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+    recipe, _ = reference
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            cwd=tmp_path, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and _newest_step(run_dir) < 7 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "Traceback" not in err
+    import re
+
+    step = int(re.search(r"interrupted at step (\d+)", err).group(1))
+    assert step >= 7
+    assert list(run_dir.glob(f".partial/pre-*/checkpoints/step-{step:08d}/manifest.json"))

@@ -1,0 +1,86 @@
+"""Failure handling: a full disk while checkpointing leaves the previous checkpoint intact and
+says so; secrets in a recipe never reach the run folder; checkpoint state loads weights-only."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmssl import checkpoint
+from lmssl.errors import LmsslError
+from lmssl.training import train
+from test_training_loop import Regression, config, make_data, make_model
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch):
+    cfg = config(max_steps=25, save_every=10, keep_checkpoints=3)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # step 10 writes optimizer + scheduler; step 20 runs out of space
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(LmsslError, match="No space left on device; the previous checkpoint step-00000010 is intact"):
+        train(Regression(), make_model(), make_data(), None, cfg, accelerator, tmp_path / "o", tmp_path / "ckpt",
+              seed=0, accumulation=1)
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["step-00000010"], "the partial step-20 folder is removed, step-10 kept"
+    assert checkpoint.latest_valid(tmp_path / "ckpt").name == "step-00000010"
+
+
+def test_checkpoint_state_is_loaded_weights_only(accelerator, tmp_path, monkeypatch):
+    train(Regression(), make_model(), make_data(), None, config(max_steps=10, save_every=5), accelerator,
+          tmp_path / "o", tmp_path / "ckpt", seed=0, accumulation=1)
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    train(Regression(), make_model(), make_data(), None, config(max_steps=12, save_every=5), accelerator,
+          tmp_path / "o2", tmp_path / "ckpt", seed=0, accumulation=1)
+    assert seen and all(flag is True for flag in seen)
+    assert not list((tmp_path / "ckpt").rglob("*.pkl")) and not list((tmp_path / "ckpt").rglob("*.bin"))
+
+
+def test_hub_token_in_a_recipe_never_reaches_the_run_folder(tmp_path):
+    from lmssl.recipe import load_recipe
+    from lmssl.runner import run_recipe
+
+    secret = "hf_ThisMustNeverBeWritten123"
+    (tmp_path / "r.yaml").write_text(f"""\
+name: secret
+hub: {{token: {secret}, repo_prefix: me}}
+stages:
+  - {{name: tok, kind: tokenizer, vocab_size: 300, data: {{path: "builtin:pydocs", max_samples: 200}}}}
+  - name: pre
+    kind: pretrain
+    tokenizer_from: tok
+    model: {{family: bert, size: tiny}}
+    data: {{path: "builtin:pydocs", max_samples: 200}}
+    max_length: 32
+    batch_size: 8
+    max_steps: 2
+""")
+    run_recipe(load_recipe(tmp_path / "r.yaml"), run_dir=tmp_path / "run")
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".md", ".jsonl", ".txt", ".yaml"}:
+            assert secret not in path.read_text(errors="ignore"), path
+    assert "<hidden>" in (tmp_path / "run" / "pre" / "README.md").read_text()
