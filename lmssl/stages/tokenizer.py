@@ -3,6 +3,7 @@ in bounded memory, and save it as a folder AutoTokenizer loads, with a report ca
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import json
 import lzma
@@ -64,6 +65,8 @@ class Config(StageConfig):
             raise RecipeError(f"{where}.max_bytes: {self.max_bytes} must be positive (or null to read everything)")
         self.data.check(f"{where}.data")
         for path in local_files(self.data):
+            if is_empty(path):
+                raise RecipeError(f"{where}.data.files: {str(path)!r} is empty; the tokenizer needs text to learn from")
             if looks_binary(path):
                 raise RecipeError(f"{where}.data.files: {str(path)!r} looks binary (NUL bytes near its start); "
                                   "the tokenizer stage trains on text files (.txt, .json, .csv, optionally .xz/.gz)")
@@ -91,8 +94,10 @@ def load_spec(name: str, where: str = "spec") -> dict[str, Any]:
     """Read and validate a spec; mistakes are RecipeErrors naming the key."""
     path = find_spec(name)
     if path is None:
-        raise RecipeError(f"{where}: unknown tokenizer spec {name!r}; known: {', '.join(spec_names())} "
-                          "(or a path to a .yaml spec file)")
+        near = difflib.get_close_matches(name, spec_names(), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise RecipeError(f"{where}: unknown tokenizer spec {name!r}; {hint}known: {', '.join(spec_names())} "
+                          "(or a path to an existing .yaml spec file)")
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -202,8 +207,8 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
         raise LmsslError(f"training the {spec['path']} tokenizer failed: {err} "
                          f"(vocab_size={cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
     if fed.bytes == 0:
-        raise LmsslError(f"the tokenizer corpus {cfg.data.path!r} {cfg.data.files or ''} holds no text "
-                         "(every row is empty); point data.files at a text corpus")
+        raise LmsslError(f"stages.{cfg.name}.data: the corpus (path {cfg.data.path!r}, files {cfg.data.files!r}, "
+                         f"column {cfg.data.column!r}) holds no text: every row is blank; point it at a text corpus")
     if spec.get("byte_fallback"):
         tokenizer = _with_byte_tokens(tokenizer, tokens, unk, model_options)
     learned = tokenizer.get_vocab_size()
@@ -282,12 +287,22 @@ def looks_binary(path: Path) -> bool:
         return True
 
 
+def is_empty(path: Path) -> bool:
+    """True for a file with no content (after decompression for .xz/.gz)."""
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    try:
+        with opener(path, "rb") as handle:
+            return not handle.read(1)
+    except (OSError, lzma.LZMAError, EOFError):
+        return False  # unreadable files are reported by looks_binary
+
+
 def _batches(rows: Iterator[Any], column: str, max_bytes: Optional[int]) -> Iterator[list[str]]:
-    """Non-empty texts in batches of BATCH, stopping once max_bytes have been handed out."""
+    """Texts that are not blank, in batches of BATCH, stopping once max_bytes have been handed out."""
     batch: list[str] = []
     seen = 0
     for text in rows:
-        if not text:
+        if not text or text.isspace():
             continue
         size = len(text.encode("utf-8"))
         if max_bytes is not None and seen + size > max_bytes:
@@ -317,6 +332,8 @@ def _spread(dataset, column: str, max_bytes: int, seed: int):
 
 def corpus(cfg: Config, seed: int, where: str) -> tuple[Iterator[list[str]], list[str]]:
     """(training batches, held-out texts). Streaming corpora are read once, every 50th row held out."""
+    from datasets.exceptions import DatasetGenerationError
+
     from lmssl.data.text import _load, load_splits
 
     if cfg.data.streaming:
@@ -344,6 +361,10 @@ def corpus(cfg: Config, seed: int, where: str) -> tuple[Iterator[list[str]], lis
     except UnicodeDecodeError as err:
         raise LmsslError(f"{where}.data: the corpus is not valid {cfg.data.encoding or 'UTF-8'} text ({err}); "
                          "set data.encoding (e.g. latin-1) or check the files") from None
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise LmsslError(f"{where}.data: could not read the corpus {cfg.data.files or cfg.data.path!r}: {cause} "
+                         f"(is a file empty, or not in the {cfg.data.path} format?)") from None
     if cfg.max_bytes is not None and cfg.sample == "spread":
         train = _spread(train, cfg.data.column, cfg.max_bytes, seed)
     held, size = [], 0
