@@ -193,7 +193,7 @@ def test_byte_level_vocab_below_alphabet_is_rejected_by_validate(tmp_path, capsy
     assert main(["validate", _recipe(tmp_path, spec="gpt2-bytebpe", vocab_size=200,
                                      data={"path": "text", "files": wiki})]) == 2
     err = capsys.readouterr().err
-    assert "vocab_size: 200 is below" in err and "257" in err
+    assert "vocab_size: 200 leaves no room" in err and "needs 257 entries" in err
 
 
 def test_wordpiece_vocab_below_corpus_alphabet_exits_2_at_run_time(tmp_path, capsys):
@@ -202,6 +202,13 @@ def test_wordpiece_vocab_below_corpus_alphabet_exits_2_at_run_time(tmp_path, cap
                      data={"path": "text", "files": wiki})
     assert code == 2 and "vocab_size 30 is below the alphabet" in err
     assert not (tmp_path / "run" / "tok").exists()
+
+
+def test_unigram_vocab_below_corpus_alphabet_exits_2_at_run_time(tmp_path, capsys):
+    wiki = str(shared_file("wikitext-2/valid.txt.xz"))
+    code, err = _run(tmp_path, capsys, spec="unigram", vocab_size=60, max_bytes=50_000,
+                     data={"path": "text", "files": wiki})
+    assert code == 2 and "stages.tok" in err and "not large enough to contain all chars" in err
 
 
 def test_binary_file_exits_2_before_training(tmp_path, capsys):

@@ -59,8 +59,8 @@ class Config(StageConfig):
         smallest = minimum_vocab(spec, self.special_tokens)
         if self.vocab_size < smallest:
             raise RecipeError(
-                f"{where}.vocab_size: {self.vocab_size} is below what spec {self.spec!r} needs before learning anything: "
-                f"{smallest - 1} (its alphabet plus special tokens); use at least a few hundred more than that")
+                f"{where}.vocab_size: {self.vocab_size} leaves no room to learn anything: spec {self.spec!r} needs "
+                f"{smallest - 1} entries for its alphabet and special tokens alone; use a few hundred more at least")
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise RecipeError(f"{where}.max_bytes: {self.max_bytes} must be positive (or null to read everything)")
         self.data.check(f"{where}.data")
@@ -204,8 +204,8 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
     try:
         tokenizer.train_from_iterator(fed, trainer=trainer)
     except Exception as err:  # the Rust trainers raise plain Exceptions for impossible settings
-        raise LmsslError(f"training the {spec['path']} tokenizer failed: {err} "
-                         f"(vocab_size={cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
+        raise LmsslError(f"stages.{cfg.name}: training the {cfg.spec!r} tokenizer failed: {err} (vocab_size "
+                         f"{cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
     if fed.bytes == 0:
         raise LmsslError(f"stages.{cfg.name}.data: the corpus (path {cfg.data.path!r}, files {cfg.data.files!r}, "
                          f"column {cfg.data.column!r}) holds no text: every row is blank; point it at a text corpus")
