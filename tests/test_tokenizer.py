@@ -200,7 +200,7 @@ def test_wordpiece_vocab_below_corpus_alphabet_exits_2_at_run_time(tmp_path, cap
     wiki = str(shared_file("wikitext-2/valid.txt.xz"))
     code, err = _run(tmp_path, capsys, spec="bert-wordpiece", vocab_size=30, max_bytes=50_000,
                      data={"path": "text", "files": wiki})
-    assert code == 2 and "vocab_size 30 is below the alphabet" in err
+    assert code == 2 and "stages.tok.vocab_size: 30 is below the alphabet" in err
     assert not (tmp_path / "run" / "tok").exists()
 
 

@@ -214,7 +214,7 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
     learned = tokenizer.get_vocab_size()
     if learned > cfg.vocab_size:
         raise LmsslError(
-            f"vocab_size {cfg.vocab_size} is below the alphabet of this corpus plus special tokens: the smallest "
+            f"stages.{cfg.name}.vocab_size: {cfg.vocab_size} is below the alphabet of this corpus plus special tokens: the smallest "
             f"{spec['model']} vocabulary that covers its characters has {learned} entries; raise vocab_size well above {learned}")
 
     template = spec.get("template")
@@ -238,7 +238,8 @@ def _with_byte_tokens(tokenizer, specials: list[str], unk: Optional[str], model_
     state = json.loads(tokenizer.to_str())
     learned = sorted(state["model"]["vocab"].items(), key=lambda item: item[1])
     order = specials + [f"<0x{b:02X}>" for b in range(256)]
-    order += [piece for piece, _ in learned if piece not in set(order)]
+    fixed = set(order)
+    order += [piece for piece, _ in learned if piece not in fixed]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
     model = models.BPE({piece: i for i, piece in enumerate(order)}, merges, unk_token=unk, byte_fallback=True,
                        **model_options)
