@@ -1,4 +1,4 @@
-"""The command line: `lmssl run | validate | fields`, also as `python -m lmssl` and under
+"""The command line: `lmssl run | validate | report | fields`, also as `python -m lmssl` and under
 `accelerate launch -m lmssl run ...`. User mistakes print one paragraph and exit with code 2."""
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a recipe without running anything")
     validate.add_argument("recipe")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    report = sub.add_parser("report", help="report cards, e.g. `lmssl report tokenizer DIR --data FILE`")
+    report.add_argument("what", choices=["tokenizer"], help="what to report on")
+    report.add_argument("folder", help="a tokenizer folder (a tokenizer stage's output)")
+    report.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="held-out text files or globs, one text per line (.xz/.gz read as they are)")
+    report.add_argument("--reference", metavar="DIR", help="another tokenizer folder, reported side by side")
+    report.add_argument("--encoding", default="utf-8", help="encoding of the text files (latin-1 for some Gutenberg books)")
+    report.add_argument("--max-bytes", type=int, default=2_000_000, help="read at most this many bytes of text")
 
     fields = sub.add_parser("fields", help="list the fields of a stage kind (or the recipe) with their docs")
     fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune; omit for the recipe's top level")
@@ -57,6 +66,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "fields":
             return _fields(args.kind)
+        if args.command == "report":
+            from lmssl.tokenizer_report import report_command
+
+            print(report_command(args.folder, args.data, args.reference, args.encoding, args.max_bytes))
+            return 0
         from lmssl.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)

@@ -1,96 +1,400 @@
-"""The `tokenizer` stage: fit a tokenizer to the corpus and save it for AutoTokenizer."""
+"""The `tokenizer` stage: fit a tokenizer described by a YAML spec (tokenizers/*.yaml) to a corpus,
+in bounded memory, and save it as a folder AutoTokenizer loads, with a report card beside it."""
 
 from __future__ import annotations
 
+import difflib
+import gzip
+import json
+import lzma
+import os
+import random
+import sys
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
 
-from lmssl.errors import RecipeError
+import yaml
+
+from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import DataConfig, StageConfig
 
-SPECS = ("bert-wordpiece",)
+SPEC_DIRS = (Path(__file__).resolve().parent.parent.parent / "tokenizers",
+             Path(sys.prefix) / "share" / "lmssl" / "tokenizers")
+SPEC_KEYS = {"description", "model", "model_options", "trainer_options", "alphabet", "byte_fallback", "lowercase",
+             "normalizer", "pre_tokenizer", "decoder", "special_tokens", "template", "token_type_ids"}
+SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+MODELS = ("bpe", "wordpiece", "unigram")
+BYTE_ALPHABET = 256  # byte-level and byte-fallback vocabularies always hold one symbol per byte
+HELDOUT_BYTES = 1_000_000  # held-out text for the report card: 1 MB gives stable rates in seconds
+BATCH = 10_000  # texts per batch handed to the trainer: large batches keep its threads busy
 
 
 @dataclass
 class Config(StageConfig):
     spec: str = "bert-wordpiece"
-    """Tokenizer spec: bert-wordpiece (lowercased WordPiece with [CLS]/[SEP] templates)."""
+    """A spec in tokenizers/ (bert-wordpiece, roberta-bytebpe, gpt2-bytebpe, llama-bpe, unigram) or a path to a .yaml spec."""
     vocab_size: int = 8000
     """Target vocabulary size, special tokens included (8k suits a few MB of text; BERT uses 30522)."""
     min_frequency: int = 2
-    """A merge or word piece must occur this often (2 drops one-off noise)."""
+    """A merge or word piece must occur this often (2 drops one-off noise; Unigram ignores it)."""
     lowercase: Optional[bool] = None
     """Lowercase text first; None keeps the spec's choice."""
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    """Override the spec's special tokens by role (bos, eos, unk, sep, pad, cls, mask), e.g. {mask: "<mask>"}."""
     max_length: int = 512
     """model_max_length written into the tokenizer config."""
     max_bytes: Optional[int] = None
     """Train on at most this many bytes of text (bounded memory on huge corpora); None reads all."""
+    sample: Literal["spread", "head"] = "spread"
+    """With max_bytes: spread takes a seeded random sample of rows over the whole corpus, head the first rows (streaming always reads the head)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """The text to fit the tokenizer on."""
+    """The text to fit the tokenizer on (2% is held out for the report card unless data.eval_split is set)."""
 
     def check(self, recipe, earlier, where: str) -> None:
-        if self.spec not in SPECS:
-            raise RecipeError(f"{where}.spec: unknown tokenizer spec {self.spec!r}; known: {', '.join(SPECS)}")
-        if self.vocab_size < 100:
-            raise RecipeError(f"{where}.vocab_size: {self.vocab_size} is too small to hold an alphabet and specials")
+        spec = load_spec(self.spec, f"{where}.spec")
+        unknown = sorted(set(self.special_tokens) - set(SPECIAL_ROLES))
+        if unknown:
+            raise RecipeError(f"{where}.special_tokens: unknown role {unknown[0]!r}; roles: {', '.join(SPECIAL_ROLES)}")
+        smallest = minimum_vocab(spec, self.special_tokens)
+        if self.vocab_size < smallest:
+            raise RecipeError(
+                f"{where}.vocab_size: {self.vocab_size} leaves no room to learn anything: spec {self.spec!r} needs "
+                f"{smallest - 1} entries for its alphabet and special tokens alone; use a few hundred more at least")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise RecipeError(f"{where}.max_bytes: {self.max_bytes} must be positive (or null to read everything)")
         self.data.check(f"{where}.data")
+        for path in local_files(self.data):
+            if is_empty(path):
+                raise RecipeError(f"{where}.data.files: {str(path)!r} is empty; the tokenizer needs text to learn from")
+            if looks_binary(path):
+                raise RecipeError(f"{where}.data.files: {str(path)!r} looks binary (NUL bytes near its start); "
+                                  "the tokenizer stage trains on text files (.txt, .json, .csv, optionally .xz/.gz)")
 
 
-def _texts(dataset, column: str, max_bytes: Optional[int]) -> Iterator[list[str]]:
-    seen = 0
-    for start in range(0, len(dataset), 1000):
-        batch = [t for t in dataset[start:start + 1000][column] if t]
-        if max_bytes is not None:
-            kept = []
-            for text in batch:
-                seen += len(text.encode("utf-8"))
-                if seen > max_bytes:
-                    break
-                kept.append(text)
-            if kept:
-                yield kept
-            if seen > max_bytes:
-                return
-        else:
-            yield batch
+# --------------------------------------------------------------------------- specs
+
+def spec_names() -> list[str]:
+    """Every spec name found in the spec folders, for error messages and docs."""
+    return sorted({p.stem for d in SPEC_DIRS if d.is_dir() for p in d.glob("*.yaml")})
 
 
-def build(cfg: Config, dataset):
+def find_spec(name: str) -> Optional[Path]:
+    """A spec name in tokenizers/ (then the installed share/lmssl/tokenizers), or a .yaml path."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        return path if path.is_file() else None
+    for folder in SPEC_DIRS:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    return None
+
+
+def load_spec(name: str, where: str = "spec") -> dict[str, Any]:
+    """Read and validate a spec; mistakes are RecipeErrors naming the key."""
+    path = find_spec(name)
+    if path is None:
+        near = difflib.get_close_matches(name, spec_names(), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise RecipeError(f"{where}: unknown tokenizer spec {name!r}; {hint}known: {', '.join(spec_names())} "
+                          "(or a path to an existing .yaml spec file)")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: spec file {path} is not valid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise RecipeError(f"{where}: spec file {path} must be a mapping")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise RecipeError(f"{where}: spec {path} has unknown key {unknown[0]!r}; keys: {', '.join(sorted(SPEC_KEYS))}")
+    if spec.get("model") not in MODELS:
+        raise RecipeError(f"{where}: spec {path} needs `model:` one of {', '.join(MODELS)}, got {spec.get('model')!r}")
+    roles = sorted(set(spec.get("special_tokens") or {}) - set(SPECIAL_ROLES))
+    if roles:
+        raise RecipeError(f"{where}: spec {path} has unknown special-token role {roles[0]!r}")
+    for key, table in (("normalizer", NORMALIZERS), ("pre_tokenizer", PRE_TOKENIZERS), ("decoder", DECODERS)):
+        for step in spec.get(key) or []:
+            if not isinstance(step, dict) or step.get("type") not in table:
+                raise RecipeError(f"{where}: spec {path} {key} step {step!r} needs `type:` one of {', '.join(table)}")
+    spec["path"] = str(path)
+    return spec
+
+
+def specials_of(spec: dict, overrides: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Special tokens by role: the spec's, with the recipe's overrides."""
+    return {**(spec.get("special_tokens") or {}), **(overrides or {})}
+
+
+def _distinct(specials: dict[str, str]) -> list[str]:
+    return list(dict.fromkeys(specials.values()))
+
+
+def minimum_vocab(spec: dict, overrides: Optional[dict[str, str]] = None) -> int:
+    """The smallest vocab_size that can work: known alphabet (bytes) + specials + one learned token."""
+    alphabet = BYTE_ALPHABET if spec.get("alphabet") == "bytes" or spec.get("byte_fallback") else 0
+    return alphabet + len(_distinct(specials_of(spec, overrides))) + 1
+
+
+# --------------------------------------------------------------------------- components
+
+# Component names a spec may use, with the tokenizers class each builds (imported lazily, so
+# `lmssl validate` checks specs without loading the library).
+NORMALIZERS = {"bert": "BertNormalizer", "nfc": "NFC", "nfkc": "NFKC", "nfd": "NFD", "nfkd": "NFKD",
+               "lowercase": "Lowercase", "strip_accents": "StripAccents", "replace": "Replace",
+               "prepend": "Prepend", "strip": "Strip"}
+PRE_TOKENIZERS = {"bert": "BertPreTokenizer", "byte_level": "ByteLevel", "metaspace": "Metaspace",
+                  "whitespace": "Whitespace", "whitespace_split": "WhitespaceSplit", "split": "Split",
+                  "digits": "Digits", "punctuation": "Punctuation"}
+DECODERS = {"wordpiece": "WordPiece", "byte_level": "ByteLevel", "metaspace": "Metaspace", "replace": "Replace",
+            "byte_fallback": "ByteFallback", "fuse": "Fuse", "strip": "Strip"}
+
+
+def _component(steps: list[dict], table: dict[str, str], module):
+    """One component (or a Sequence of them) from spec steps like {type: replace, pattern: " ", content: "▁"}."""
+    built = [getattr(module, table[s["type"]])(**{k: v for k, v in s.items() if k != "type"}) for s in steps]
+    return built[0] if len(built) == 1 else module.Sequence(built)
+
+
+def _normalizer_steps(spec: dict, lowercase: bool) -> list[dict]:
+    """The spec's normalizer steps with the effective lowercasing applied (BertNormalizer has its own flag)."""
+    steps = [dict(s) for s in spec.get("normalizer") or [] if lowercase or s["type"] != "lowercase"]
+    bert = [s for s in steps if s["type"] == "bert"]
+    for step in bert:
+        step["lowercase"] = lowercase
+    if lowercase and not bert and not any(s["type"] == "lowercase" for s in steps):
+        steps.append({"type": "lowercase"})
+    return steps
+
+
+def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
+    """Train the spec's tokenizer on batches of texts; return a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True if cfg.lowercase is None else cfg.lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                        special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(_texts(dataset, cfg.data.column, cfg.max_bytes), trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=cfg.max_length, unk_token="[UNK]", pad_token="[PAD]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-    )
+    specials = specials_of(spec, cfg.special_tokens)
+    tokens = _distinct(specials)
+    unk = specials.get("unk")
+    lowercase = spec.get("lowercase", False) if cfg.lowercase is None else cfg.lowercase
+    kind = spec["model"]
+    model_options = dict(spec.get("model_options") or {})
+    trainer_options = dict(spec.get("trainer_options") or {})
+    common = dict(vocab_size=cfg.vocab_size, special_tokens=tokens, show_progress=False, **trainer_options)
+    if kind == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(unk_token=unk, **common)
+    else:
+        model_cls, trainer_cls = {"bpe": (models.BPE, trainers.BpeTrainer),
+                                  "wordpiece": (models.WordPiece, trainers.WordPieceTrainer)}[kind]
+        if spec.get("byte_fallback"):  # room for the 256 byte tokens added after training
+            common["vocab_size"] = cfg.vocab_size - BYTE_ALPHABET
+        if spec.get("alphabet") == "bytes":
+            common["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
+        tokenizer = Tokenizer(model_cls(unk_token=unk, **model_options) if unk else model_cls(**model_options))
+        trainer = trainer_cls(min_frequency=cfg.min_frequency, **common)
+
+    steps = _normalizer_steps(spec, lowercase)
+    if steps:
+        tokenizer.normalizer = _component(steps, NORMALIZERS, normalizers)
+    if spec.get("pre_tokenizer"):
+        tokenizer.pre_tokenizer = _component(spec["pre_tokenizer"], PRE_TOKENIZERS, pre_tokenizers)
+    if spec.get("decoder"):
+        tokenizer.decoder = _component(spec["decoder"], DECODERS, decoders)
+
+    fed = _Counter(texts)
+    try:
+        tokenizer.train_from_iterator(fed, trainer=trainer)
+    except Exception as err:  # the Rust trainers raise plain Exceptions for impossible settings
+        raise LmsslError(f"stages.{cfg.name}: training the {cfg.spec!r} tokenizer failed: {err} (vocab_size "
+                         f"{cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
+    if fed.bytes == 0:
+        raise LmsslError(f"stages.{cfg.name}.data: the corpus (path {cfg.data.path!r}, files {cfg.data.files!r}, "
+                         f"column {cfg.data.column!r}) holds no text: every row is blank; point it at a text corpus")
+    if spec.get("byte_fallback"):
+        tokenizer = _with_byte_tokens(tokenizer, tokens, unk, model_options)
+    learned = tokenizer.get_vocab_size()
+    if learned > cfg.vocab_size:
+        raise LmsslError(
+            f"stages.{cfg.name}.vocab_size: {cfg.vocab_size} is below the alphabet of this corpus plus special tokens: the smallest "
+            f"{spec['model']} vocabulary that covers its characters has {learned} entries; raise vocab_size well above {learned}")
+
+    template = spec.get("template")
+    if template:
+        used = [t for t in tokens if t in template["single"] + " " + template.get("pair", "")]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=template["single"], pair=template.get("pair"),
+            special_tokens=[(t, tokenizer.token_to_id(t)) for t in used])
+    names = {"bos": "bos_token", "eos": "eos_token", "unk": "unk_token", "sep": "sep_token", "pad": "pad_token",
+             "cls": "cls_token", "mask": "mask_token"}
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if spec.get("token_type_ids") else ["input_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=cfg.max_length,
+                                   clean_up_tokenization_spaces=False, model_input_names=inputs,
+                                   **{names[role]: token for role, token in specials.items()}), fed
+
+
+def _with_byte_tokens(tokenizer, specials: list[str], unk: Optional[str], model_options: dict):
+    """Rebuild a trained BPE with byte fallback: specials, then <0x00>..<0xFF>, then the learned pieces."""
+    from tokenizers import Tokenizer, models
+
+    state = json.loads(tokenizer.to_str())
+    learned = sorted(state["model"]["vocab"].items(), key=lambda item: item[1])
+    order = specials + [f"<0x{b:02X}>" for b in range(256)]
+    fixed = set(order)
+    order += [piece for piece, _ in learned if piece not in fixed]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+    model = models.BPE({piece: i for i, piece in enumerate(order)}, merges, unk_token=unk, byte_fallback=True,
+                       **model_options)
+    rebuilt = Tokenizer(model)
+    rebuilt.normalizer, rebuilt.pre_tokenizer, rebuilt.decoder = (
+        tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder)
+    rebuilt.add_special_tokens(specials)
+    return rebuilt
+
+
+class _Counter:
+    """Wraps the batch iterator handed to the trainer and counts what it fed (bytes, texts)."""
+
+    def __init__(self, batches: Iterator[list[str]]):
+        self.batches, self.bytes, self.texts = batches, 0, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.bytes += sum(len(t.encode("utf-8")) for t in batch)
+            self.texts += len(batch)
+            yield batch
+
+
+# --------------------------------------------------------------------------- corpus
+
+def local_files(data: DataConfig) -> list[Path]:
+    """The local files a DataConfig names (for the binary sniff); hub ids and folders give none."""
+    import glob
+
+    files = data.files
+    patterns = [files] if isinstance(files, str) else list(files or []) if not isinstance(files, dict) else [
+        p for v in files.values() for p in ([v] if isinstance(v, str) else v)]
+    return [Path(p) for pattern in patterns if "://" not in pattern
+            for p in sorted(glob.glob(os.path.expanduser(pattern))) if Path(p).is_file()]
+
+
+def looks_binary(path: Path) -> bool:
+    """True when the first 8 KB (decompressed for .xz/.gz) hold a NUL byte, which text never does."""
+    if path.suffix in (".parquet", ".arrow"):
+        return False
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    try:
+        with opener(path, "rb") as handle:
+            return b"\x00" in handle.read(8192)
+    except (OSError, lzma.LZMAError, EOFError):
+        return True
+
+
+def is_empty(path: Path) -> bool:
+    """True for a file with no content (after decompression for .xz/.gz)."""
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    try:
+        with opener(path, "rb") as handle:
+            return not handle.read(1)
+    except (OSError, lzma.LZMAError, EOFError):
+        return False  # unreadable files are reported by looks_binary
+
+
+def _batches(rows: Iterator[Any], max_bytes: Optional[int]) -> Iterator[list[str]]:
+    """Texts that are not blank, in batches of BATCH, stopping once max_bytes have been handed out."""
+    batch: list[str] = []
+    seen = 0
+    for text in rows:
+        if not text or text.isspace():
+            continue
+        size = len(text.encode("utf-8"))
+        if max_bytes is not None and seen + size > max_bytes:
+            break
+        seen += size
+        batch.append(text)
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _column(dataset, column: str) -> Iterator[str]:
+    for start in range(0, len(dataset), BATCH):
+        yield from dataset[start:start + BATCH][column]
+
+
+def _spread(dataset, max_bytes: int, seed: int):
+    """A seeded random subset of rows sized to about max_bytes, in corpus order."""
+    total = max(1, dataset.data.nbytes)
+    if total <= max_bytes:
+        return dataset
+    keep = min(len(dataset), int(len(dataset) * max_bytes / total * 1.1) + 1)  # 10% slack for offsets in nbytes
+    return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), keep)))
+
+
+def corpus(cfg: Config, seed: int, where: str) -> tuple[Iterator[list[str]], list[str]]:
+    """(training batches, held-out texts). Streaming corpora are read once, every 50th row held out."""
+    from datasets.exceptions import DatasetGenerationError
+
+    from lmssl.data.text import _load, load_splits
+
+    if cfg.data.streaming:
+        stream = _load(cfg.data, cfg.data.split)
+        heldout: list[str] = []
+        every = max(2, round(1 / cfg.data.eval_fraction)) if cfg.data.eval_fraction > 0 else 0
+
+        def rows() -> Iterator[str]:
+            held = 0
+            for index, row in enumerate(stream):
+                if cfg.data.column not in row:
+                    raise LmsslError(f"{where}.data.column: the data has no column {cfg.data.column!r}; "
+                                     f"columns: {', '.join(row)}")
+                text = row[cfg.data.column]
+                if every and index % every == every - 1 and held < HELDOUT_BYTES:
+                    if text:
+                        heldout.append(text)
+                        held += len(text)
+                    continue
+                yield text
+
+        return _batches(rows(), cfg.max_bytes), heldout
+    try:
+        train, evaluation = load_splits(cfg.data, seed, where)
+    except UnicodeDecodeError as err:
+        raise LmsslError(f"{where}.data: the corpus is not valid {cfg.data.encoding or 'UTF-8'} text ({err}); "
+                         "set data.encoding (e.g. latin-1) or check the files") from None
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise LmsslError(f"{where}.data: could not read the corpus {cfg.data.files or cfg.data.path!r}: {cause} "
+                         f"(is a file empty, or not in the {cfg.data.path} format?)") from None
+    if cfg.max_bytes is not None and cfg.sample == "spread":
+        train = _spread(train, cfg.max_bytes, seed)
+    held, size = [], 0
+    for text in _column(evaluation, cfg.data.column) if evaluation is not None else []:
+        if text and size < HELDOUT_BYTES:
+            held.append(text)
+            size += len(text)
+    return _batches(_column(train, cfg.data.column), cfg.max_bytes), held
 
 
 def run(cfg: Config, ctx):
-    from lmssl.data.text import load_splits
+    from transformers import AutoTokenizer
+
     from lmssl.runner import StageResult
+    from lmssl.tokenizer_report import format_card, report_card, write_card
 
+    where = f"stages.{cfg.name}"
+    spec = load_spec(cfg.spec, f"{where}.spec")
+    metrics: dict[str, Any] = {}
     if ctx.is_main:
-        train, _ = load_splits(cfg.data, ctx.seed, f"stages.{cfg.name}")
-        tokenizer = build(cfg, train)
+        batches, heldout = corpus(cfg, ctx.seed, where)
+        tokenizer, fed = build(spec, cfg, batches)
         tokenizer.save_pretrained(ctx.out_dir)
-        metrics = {"vocab_size": len(tokenizer)}
-    else:
-        metrics = {}
-    ctx.accelerator.wait_for_everyone()
-    if not ctx.is_main:
-        from transformers import AutoTokenizer
-
-        metrics = {"vocab_size": len(AutoTokenizer.from_pretrained(ctx.out_dir))}
-    return StageResult(ctx.out_dir, metrics, headline=metrics)
+        card = report_card(AutoTokenizer.from_pretrained(ctx.out_dir), heldout, name=cfg.spec)
+        card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts}
+        write_card(card, ctx.out_dir)
+    ctx.accelerator.wait_for_everyone()  # other processes wait here, then load what the main one saved
+    AutoTokenizer.from_pretrained(ctx.out_dir)  # every process checks that the saved folder loads
+    card = json.loads((ctx.out_dir / "report.json").read_text())
+    metrics = {k: v for k, v in card.items() if isinstance(v, (int, float))}
+    headline = {k: metrics[k] for k in ("vocab_size", "fertility", "bytes_per_token", "roundtrip_exact") if k in metrics}
+    return StageResult(ctx.out_dir, metrics, headline=headline, report=format_card(card))
