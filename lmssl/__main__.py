@@ -86,6 +86,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Interrupted as stop:
             print(f"lmssl: {stop}", file=sys.stderr)
             return 130
+        except KeyboardInterrupt:  # a second Ctrl-C: leave at once, the last checkpoint stays
+            print("lmssl: stopped at once (second interrupt); run again to resume from the last checkpoint",
+                  file=sys.stderr)
+            return 130
         return 0
     except LmsslError as err:
         print(f"lmssl: error: {err}", file=sys.stderr)

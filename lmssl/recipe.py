@@ -108,6 +108,10 @@ class StageConfig:
     def check(self, recipe: "Recipe", earlier: dict[str, "StageConfig"], where: str) -> None:
         """Kind-specific checks that need no training (files exist, objective fits model)."""
 
+    def fingerprint_inputs(self) -> list[str]:
+        """Contents beyond the config that decide the output (e.g. a spec file); part of the fingerprint."""
+        return []
+
 
 @dataclass
 class TrainingConfig(StageConfig):

@@ -115,7 +115,7 @@ def fingerprint(stage: StageConfig, recipe: Recipe, outputs: dict[str, StageResu
         elif value and Path(value).exists():
             inputs[ref] = _folder_fingerprint(Path(value))
     payload = {
-        "config": config, "inputs": inputs, "data": _data_fingerprint(config),
+        "config": config, "inputs": inputs, "data": _data_fingerprint(config), "extra": stage.fingerprint_inputs(),
         "builtin_data_format": BUILTIN_FORMAT,
         "run": {"seed": recipe.seed, "mixed_precision": recipe.mixed_precision,
                 "gradient_accumulation_steps": recipe.gradient_accumulation_steps},

@@ -51,6 +51,11 @@ class Config(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
     """The text to fit the tokenizer on (2% is held out for the report card unless data.eval_split is set)."""
 
+    def fingerprint_inputs(self) -> list[str]:
+        """The spec file's text: editing a spec re-runs the stage."""
+        path = find_spec(self.spec)
+        return [path.read_text(encoding="utf-8")] if path else []
+
     def check(self, recipe, earlier, where: str) -> None:
         spec = load_spec(self.spec, f"{where}.spec")
         unknown = sorted(set(self.special_tokens) - set(SPECIAL_ROLES))
