@@ -189,12 +189,15 @@ def _read(spec: TaskSpec, split: str, where: str):
         return datasets.load_dataset("json", data_files={"train": str(builtin_file(data.path.split(":", 1)[1]))},
                                      split="train")
     files = {"train": data.files} if isinstance(data.files, (str, list)) else data.files
+    if isinstance(files, dict) and split in files:  # read this split's files alone: splits may differ in columns
+        files = {split: files[split]}
     kwargs = dict(data.options, **({"encoding": data.encoding} if data.encoding else {}))
     try:
         return datasets.load_dataset(data.path, name=data.config, data_files=files, data_dir=data.data_dir,
                                      split=split, **kwargs)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = err.__cause__ or err.__context__ or err  # datasets wraps the parser's own message
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise LmsslError(f"{where}: could not read the {split!r} split of task {spec.name!r} from "
                          f"{data.path} {files or data.data_dir or ''}: {reason}") from None
 
