@@ -187,9 +187,39 @@ def test_empty_split_exits_2(tiny_model, reviews, tmp_path, capsys):
     files = dict(reviews, validation=_write_csv(tmp_path / "validation.csv", []))
     assert _run(tmp_path, _custom(tiny_model, files)) == 2
     err = capsys.readouterr().err
-    assert "validation" in err and "empty" in err and "Traceback" not in err
+    assert "the 'validation' split of task 'reviews' is empty" in err and "Traceback" not in err
 
 
 def test_conflicting_labels_and_num_labels_fail_validation(tiny_model, reviews, tmp_path, capsys):
     assert _run(tmp_path, _custom(tiny_model, reviews, labels=["neg", "pos"], num_labels=3), "validate") == 2
     assert "num_labels: 3 disagrees with the 2 names in labels" in capsys.readouterr().err
+
+
+def test_mnli_layout_scores_matched_and_mismatched_and_submits_ax(tiny_model, tmp_path):
+    """No MNLI copy is local: an MNLI-layout folder is built from RTE's real pairs (labels cycled) and the
+    real AX diagnostic set, to exercise the two validation splits and the three submission files."""
+    rte = _tsv_rows("glue/RTE/train.tsv.xz")[1:]
+    names = ["entailment", "neutral", "contradiction"]
+    folder = tmp_path / "glue" / "MNLI"
+    folder.mkdir(parents=True)
+
+    def write(stem, rows, labeled=True):
+        header = ["index", "genre", "sentence1", "sentence2"] + (["gold_label"] if labeled else [])
+        body = [[str(i), "fiction", r[1], r[2]] + ([names[i % 3]] if labeled else []) for i, r in enumerate(rows)]
+        (folder / f"{stem}.tsv").write_text("\n".join("\t".join(x) for x in [header, *body]) + "\n")
+
+    write("train", rte[:320])
+    write("dev_matched", rte[400:460])
+    write("dev_mismatched", rte[500:550])
+    write("test_matched", rte[600:630], labeled=False)
+    write("test_mismatched", rte[700:720], labeled=False)
+    (tmp_path / "glue" / "AX").mkdir()
+    (tmp_path / "glue" / "AX" / "diagnostic.tsv.xz").write_bytes(shared_file("glue/AX/diagnostic.tsv.xz").read_bytes())
+    stage = {"model_from": str(tiny_model), "glue_dir": str(tmp_path / "glue"), "tasks": ["mnli"], **SMALL,
+             "epochs": 1}
+    assert _run(tmp_path, stage) == 0
+    out = tmp_path / "run" / "ft"
+    assert {m for (_, _, m) in _results(out)} == {"accuracy_matched", "accuracy_mismatched"}
+    for name, rows in (("MNLI-m", 30), ("MNLI-mm", 20), ("AX", 1104)):
+        lines = (out / "submission" / f"{name}.tsv").read_text().splitlines()
+        assert len(lines) == rows + 1 and {line.split("\t")[1] for line in lines[1:]} <= set(names)

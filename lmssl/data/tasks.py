@@ -198,6 +198,9 @@ def _read(spec: TaskSpec, split: str, where: str):
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
         cause = err.__cause__ or err.__context__ or err  # datasets wraps the parser's own message
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in reason or "No columns to parse" in reason:
+            raise LmsslError(f"{where}: the {split!r} split of task {spec.name!r} is empty "
+                             f"({files or data.data_dir}); it needs labeled rows") from None
         raise LmsslError(f"{where}: could not read the {split!r} split of task {spec.name!r} from "
                          f"{data.path} {files or data.data_dir or ''}: {reason}") from None
 
