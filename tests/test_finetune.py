@@ -223,3 +223,25 @@ def test_mnli_layout_scores_matched_and_mismatched_and_submits_ax(tiny_model, tm
     for name, rows in (("MNLI-m", 30), ("MNLI-mm", 20), ("AX", 1104)):
         lines = (out / "submission" / f"{name}.tsv").read_text().splitlines()
         assert len(lines) == rows + 1 and {line.split("\t")[1] for line in lines[1:]} <= set(names)
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_json_and_parquet_tasks_load_with_float_labels_as_regression(tmp_path, fmt):
+    import datasets
+
+    from lmssl.data.tasks import TaskSpec, load_task
+    from lmssl.recipe import DataConfig
+
+    rows = _tsv_rows("glue/STS-B/train.tsv.xz")[1:201]
+    table = datasets.Dataset.from_dict({"a": [r[7] for r in rows], "b": [r[8] for r in rows],
+                                        "similarity": [float(r[9]) for r in rows]})
+    path = tmp_path / f"pairs.{fmt}"
+    table.to_json(path) if fmt == "json" else table.to_parquet(path)
+    spec = TaskSpec(name="pairs", data=DataConfig(path=fmt, files=str(path)), text_column="a", pair_column="b",
+                    label_column="similarity")
+    task = load_task(spec, None, 0, "stages.ft")
+    assert task.label_names is None and task.metrics == ("pearson", "spearmanr")
+    assert len(task.train) == 180 and len(task.evals["validation"]) == 20  # 10% held out
+    assert task.train.column_names == ["text", "text_pair", "label", "idx"]
+    assert sorted(list(task.train["label"]) + list(task.evals["validation"]["label"])) == pytest.approx(
+        sorted(float(r[9]) for r in rows))

@@ -129,3 +129,20 @@ def test_shipped_glue_recipe_validates():
     shared_file("glue/SST-2/train.tsv.xz")
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "glue.yaml")
     assert recipe.stage("glue").tasks == ["glue"]
+
+
+def test_hub_splits_are_renamed_to_the_common_layout(monkeypatch):
+    """Without glue_dir, nyu-mll/glue is read from the hub; its columns are renamed like the local files'."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"premise": ["A man sleeps."], "hypothesis": ["A man rests."],
+                                           "label": [0], "idx": [7]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_split(GLUE_TASKS["mnli"], "validation_mismatched", None)
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert data.column_names == ["text", "text_pair", "label", "idx"] and data[0]["text_pair"] == "A man rests."
