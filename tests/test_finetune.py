@@ -168,11 +168,22 @@ def test_custom_csv_task_runs_end_to_end_with_seeds_scratch_and_label_names(tiny
     assert len(lines) == 101 and {line.split("\t")[1] for line in lines[1:]} <= {"neg", "pos"}
 
 
-def test_csv_without_the_named_column_exits_2_naming_it(tiny_model, reviews, tmp_path, capsys):
-    assert _run(tmp_path, _custom(tiny_model, reviews, text_column="body")) == 2
+def test_csv_without_the_named_column_fails_validation_naming_it(tiny_model, reviews, tmp_path, capsys):
+    assert _run(tmp_path, _custom(tiny_model, reviews, text_column="body"), "validate") == 2
     err = capsys.readouterr().err
-    assert "no column 'body' (named by text_column)" in err and "review, sentiment" in err
-    assert "Traceback" not in err
+    assert "stages.ft.tasks[0].text_column:" in err and "train.csv (train split) has no column 'body'" in err
+    assert "its columns are: review, sentiment" in err and "Traceback" not in err
+
+
+def test_json_without_the_named_column_exits_2_at_run_time(tiny_model, tmp_path, capsys):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"review": f"film {i}", "sentiment": "pos"}) + "\n" for i in range(40)))
+    stage = {"model_from": str(tiny_model), "tasks": [{"name": "reviews", "data": {"path": "json", "files": str(path)},
+                                                       "text_column": "review", "label_column": "stars"}]}
+    assert _run(tmp_path, stage) == 2
+    err = capsys.readouterr().err
+    assert "'train' split of task 'reviews' has no column 'stars' (named by label_column)" in err
+    assert "review, sentiment" in err and "Traceback" not in err
 
 
 def test_label_outside_the_label_set_exits_2(tiny_model, reviews, tmp_path, capsys):

@@ -56,6 +56,41 @@ class TaskSpec:
         for name in self.metrics or []:
             if name not in METRIC_FUNCTIONS:
                 raise RecipeError(f"{where}.metrics: unknown metric {name!r}; known: {', '.join(METRIC_FUNCTIONS)}")
+        self._check_columns(where)
+
+    def _check_columns(self, where: str) -> None:
+        """Named columns must be in each local CSV/parquet file's header (read without loading the rows)."""
+        files = {"train": self.data.files} if isinstance(self.data.files, (str, list)) else self.data.files or {}
+        needs = {self.data.split: ("text_column", "pair_column", "label_column"),
+                 self.data.eval_split: ("text_column", "pair_column", "label_column"),
+                 self.test_split: ("text_column", "pair_column")}
+        for split, keys in needs.items():
+            paths = files.get(split) if split else None
+            for path in [paths] if isinstance(paths, str) else paths or []:
+                header = _header(self.data, path)
+                for key in keys:
+                    column = getattr(self, key)
+                    if header is not None and column is not None and column not in header:
+                        raise RecipeError(f"{where}.{key}: {path} ({split} split) has no column {column!r}; "
+                                          f"its columns are: {', '.join(header)}")
+
+
+def _header(data: DataConfig, path: str) -> Optional[list[str]]:
+    """Column names of a local, uncompressed CSV or parquet file; None when that cannot be known cheaply."""
+    import csv
+    import glob
+
+    if "://" in path or any(ch in path for ch in "*?[") or not glob.glob(os.path.expanduser(path)):
+        return None
+    if data.path == "parquet" or path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        return list(pyarrow.parquet.read_schema(os.path.expanduser(path)).names)
+    if data.path == "csv" and path.endswith((".csv", ".tsv", ".txt")):
+        delimiter = data.options.get("delimiter", data.options.get("sep", "\t" if path.endswith(".tsv") else ","))
+        with open(os.path.expanduser(path), newline="", encoding=data.encoding or "utf-8-sig") as f:
+            return next(csv.reader(f, delimiter=delimiter), None)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -117,10 +117,9 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
     return model, {"seed": seed, "scores": scores, "tests": tests}
 
 
-def _write_submission(folder: Path, task: Task, predictions: dict[str, list]) -> list[str]:
+def _write_submission(folder: Path, task: Task, predictions: dict[str, list]) -> None:
     """GLUE submission files: <TASK>.tsv with a header `index<TAB>prediction` and one row per test example."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
     for split, preds in predictions.items():
         lines = ["index\tprediction"]
         for idx, value in zip(task.tests[split]["idx"], preds):
@@ -128,10 +127,7 @@ def _write_submission(folder: Path, task: Task, predictions: dict[str, list]) ->
                 lines.append(f"{idx}\t{min(5.0, max(0.0, value)) if task.name == 'stsb' else value:.3f}")
             else:
                 lines.append(f"{idx}\t{task.label_names[int(value)] if task.predict_names else int(value)}")
-        path = folder / f"{task.submission[split]}.tsv"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        written.append(path.name)
-    return written
+        (folder / f"{task.submission[split]}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
