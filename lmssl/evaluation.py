@@ -5,6 +5,7 @@ Downstream metrics (GLUE) and probes live here too.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -60,8 +61,145 @@ def evaluate_objective(objective, module, data, batch_size: int, accelerator, se
     return result
 
 
-def accuracy(predictions, references) -> float:
+# --------------------------------------------------------------------------- GLUE metrics
+# Plain Python, no network: the official GLUE scores (Wang et al., 2018) on lists of predictions.
+# The evaluate modules under lmssl/metrics/ wrap these for `evaluate.load(<local folder>)`.
+
+def _pairs(predictions, references) -> tuple[list, list]:
     predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
-        raise ValueError("accuracy of an empty set")
+        raise ValueError("a metric of an empty set")
+    return predictions, references
+
+
+def accuracy(predictions, references) -> float:
+    predictions, references = _pairs(predictions, references)
     return sum(int(p == r) for p, r in zip(predictions, references)) / len(references)
+
+
+def f1(predictions, references, positive: int = 1) -> float:
+    """Binary F1 of the `positive` class (MRPC, QQP); 0.0 when there is no true positive."""
+    predictions, references = _pairs(predictions, references)
+    tp = sum(1 for p, r in zip(predictions, references) if p == positive and r == positive)
+    fp = sum(1 for p, r in zip(predictions, references) if p == positive and r != positive)
+    fn = sum(1 for p, r in zip(predictions, references) if p != positive and r == positive)
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def matthews_correlation(predictions, references) -> float:
+    """Matthews correlation for any number of classes (Gorodkin's R_K); 0.0 when undefined (CoLA)."""
+    predictions, references = _pairs(predictions, references)
+    classes = sorted(set(predictions) | set(references))
+    n = len(references)
+    correct = sum(int(p == r) for p, r in zip(predictions, references))
+    predicted = [sum(1 for p in predictions if p == k) for k in classes]
+    true = [sum(1 for r in references if r == k) for k in classes]
+    cov_pt = correct * n - sum(p * t for p, t in zip(predicted, true))
+    cov_pp = n * n - sum(p * p for p in predicted)
+    cov_tt = n * n - sum(t * t for t in true)
+    if cov_pp == 0 or cov_tt == 0:
+        return 0.0
+    return cov_pt / math.sqrt(cov_pp * cov_tt)
+
+
+def pearson(predictions, references) -> float:
+    x, y = _pairs([float(v) for v in predictions], [float(v) for v in references])
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank (as scipy.stats.rankdata)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(predictions, references) -> float:
+    x, y = _pairs([float(v) for v in predictions], [float(v) for v in references])
+    return pearson(_ranks(x), _ranks(y))
+
+
+# Which scores each GLUE task reports (the leaderboard's columns); the first one picks the best seed
+# when a task has a single score, and their mean (the GLUE "score") when it has two.
+GLUE_METRICS = {
+    "cola": ("matthews_correlation",),
+    "sst2": ("accuracy",),
+    "mrpc": ("f1", "accuracy"),
+    "qqp": ("f1", "accuracy"),
+    "stsb": ("pearson", "spearmanr"),
+    "mnli": ("accuracy",),
+    "mnli_matched": ("accuracy",),
+    "mnli_mismatched": ("accuracy",),
+    "qnli": ("accuracy",),
+    "rte": ("accuracy",),
+    "wnli": ("accuracy",),
+    "ax": ("matthews_correlation",),
+}
+METRIC_FUNCTIONS = {
+    "accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_correlation,
+    "pearson": pearson, "spearmanr": spearman,
+}
+
+
+def glue_metrics(task: str, predictions, references) -> dict[str, float]:
+    """The official scores of GLUE task `task` (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, ax)."""
+    if task not in GLUE_METRICS:
+        raise KeyError(f"unknown GLUE task {task!r}; known: {', '.join(GLUE_METRICS)}")
+    return {name: float(METRIC_FUNCTIONS[name](predictions, references)) for name in GLUE_METRICS[task]}
+
+
+def task_score(scores: dict[str, float], names: tuple[str, ...]) -> float:
+    """One number per task for choosing the best run: the mean of its reported metrics."""
+    return sum(scores[n] for n in names) / len(names)
+
+
+@torch.no_grad()
+def predict(objective, module, data, batch_size: int, accelerator) -> list:
+    """The objective's prediction for every row of `data`, in order (class ids or regression values)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    was_training = module.training
+    module.eval()
+    mine: list[tuple[int, list]] = []
+    for i in range(rank, n_batches, world):
+        rows = data[i * batch_size:(i + 1) * batch_size]
+        examples = [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
+        batch = objective.collate(examples)
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with accelerator.autocast():
+            out = objective.predict(module, batch)
+        mine.append((i, (out.float() if out.is_floating_point() else out).cpu().tolist()))
+    module.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        mine = gather_object(mine)
+    return [value for _, values in sorted(mine) for value in values]
+
+
+def metric_module(name: str, config_name: Optional[str] = None):
+    """A metric shipped with lmssl as a local `evaluate` module (glue, matthews_correlation,
+    pearson_spearman, f1_accuracy), loaded from the package folder with no network."""
+    from pathlib import Path
+
+    import evaluate
+
+    folder = Path(__file__).resolve().parent / "metrics" / name
+    if not (folder / f"{name}.py").is_file():
+        known = sorted(p.name for p in folder.parent.iterdir() if (p / f"{p.name}.py").is_file())
+        raise KeyError(f"no metric module {name!r} in lmssl; known: {', '.join(known)}")
+    return evaluate.load(str(folder), config_name)

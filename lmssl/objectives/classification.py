@@ -1,4 +1,6 @@
-"""Sequence classification and regression heads for fine-tuning (AutoModelForSequenceClassification).
+"""Sequence classification and regression heads for fine-tuning (AutoModelForSequenceClassification),
+as in BERT's fine-tuning recipe: Devlin et al., 2019, "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding", section 4 (the [CLS] representation feeds one linear layer).
 
 Texts (one column or a pair) are tokenized once; batches are padded to their longest example.
 """
@@ -22,6 +24,7 @@ class SequenceClassification:
             self.stat_names = ("loss",)
 
     def prepare(self, dataset, label_column: str = "label"):
+        """Token ids (pairs joined by the tokenizer's template, truncated to max_length) and `labels`."""
         def encode(batch):
             pair = batch[self.pair_column] if self.pair_column else None
             out = self.tokenizer(batch[self.text_column], pair, truncation=True, max_length=self.max_length)
@@ -34,11 +37,11 @@ class SequenceClassification:
         features = [{k: v for k, v in e.items() if k != "labels"} for e in examples]
         batch = self.tokenizer.pad(features, return_tensors="pt")
         dtype = torch.float if self.regression else torch.long
-        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=dtype)
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=dtype)  # (batch,)
         return dict(batch)
 
     def loss(self, module, batch):
-        out = module(**batch)
+        out = module(**batch)  # cross-entropy over classes, or mean squared error when num_labels == 1
         n = float(batch["labels"].shape[0])
         stats = {"loss": (out.loss.item() * n, n)}
         if not self.regression:
@@ -47,5 +50,6 @@ class SequenceClassification:
 
     @torch.no_grad()
     def predict(self, module, batch) -> torch.Tensor:
-        logits = module(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        """Class ids (batch,) or, for regression, the predicted values (batch,)."""
+        logits = module(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (batch, num_labels)
         return logits.squeeze(-1) if self.regression else logits.argmax(-1)

@@ -1,13 +1,17 @@
-"""The `finetune` stage: fine-tune a pretrained model on labeled tasks and score it, optionally
-next to the same architecture trained from random initialization."""
+"""The `finetune` stage: fine-tune a pretrained model on GLUE or custom labeled tasks over several seeds,
+score it offline, keep the best run per task, and (optionally) compare with random initialization."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from pathlib import Path
+from typing import Literal, Optional, Union
 
-from lmssl.data.tasks import BUILTIN_TASKS, TaskSpec, task_spec
+from lmssl.data.tasks import GLUE_TASKS, Task, TaskSpec, check_tasks, expand_tasks, load_task
 from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import TrainingConfig
 
@@ -17,17 +21,29 @@ class Config(TrainingConfig):
     model_from: Optional[str] = None
     """A pretrain stage, a folder or a hub id; its tokenizer comes with it."""
     tasks: list[Union[str, TaskSpec]] = field(default_factory=lambda: ["pydocs-topic"])
-    """Task names (builtin) or task descriptions (data, text/label columns)."""
+    """GLUE task names (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), `glue` for every GLUE task whose
+    training data is present, builtin tasks (pydocs-topic), or mappings describing your own data."""
+    glue_dir: Optional[str] = None
+    """A local folder in the original glue_data layout (CoLA/, SST-2/, ...; .tsv or .tsv.xz); None reads
+    nyu-mll/glue from the hub."""
+    max_train_samples: Optional[int] = None
+    """Keep only the first N training rows of each task (quick experiments, tests); None keeps all."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Fine-tune once per seed; results are mean and standard deviation over seeds."""
-    max_length: int = 128
-    """Longest input in tokens; longer texts are truncated."""
+    max_length: Optional[int] = None
+    """Longest input in tokens (longer texts are truncated); None takes the task's default (128, 64 for SST-2)."""
     scratch_baseline: bool = False
     """Also fine-tune the same architecture from random initialization, for a side-by-side score."""
-    learning_rate: float = 1e-4
-    """Fine-tuning learning rate (small models tolerate more than BERT-base's 2e-5)."""
-    epochs: float = 3.0
-    """Passes over each task's training data (GLUE practice: 3)."""
+    learning_rate: Optional[float] = None
+    """Peak learning rate; None takes the task's default (2e-5, BERT practice for base-size models)."""
+    epochs: Optional[float] = None
+    """Passes over each task's training data; None takes the task's default (3; 5 on the small GLUE tasks)."""
+    batch_size: Optional[int] = None
+    """Examples per device per step; None takes the task's default (32; 16 on the small GLUE tasks)."""
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """Linear decay after warmup, as in BERT fine-tuning."""
+    min_lr_ratio: float = 0.0
+    """Decay to zero, as in BERT fine-tuning."""
     warmup_ratio: float = 0.1
     """10% warmup, as in BERT fine-tuning."""
     save_every: Optional[int] = None
@@ -40,104 +56,180 @@ class Config(TrainingConfig):
             raise RecipeError(f"{where}.model_from: name the model to fine-tune (a pretrain stage, folder or hub id)")
         if not self.tasks:
             raise RecipeError(f"{where}.tasks: name at least one task")
-        for i, task in enumerate(self.tasks):
-            if isinstance(task, str) and task not in BUILTIN_TASKS:
-                raise RecipeError(f"{where}.tasks[{i}]: unknown task {task!r}; known: {', '.join(BUILTIN_TASKS)}")
-            if isinstance(task, TaskSpec):
-                task.data.check(f"{where}.tasks[{i}].data")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise RecipeError(f"{where}.seeds: list one or more distinct seeds, got {self.seeds!r}")
+        for key in ("max_length", "batch_size", "learning_rate", "epochs", "max_train_samples"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"{where}.{key}: must be positive, got {value!r}")
+        check_tasks(self.tasks, self.glue_dir, where)
 
 
-def load_task(spec: TaskSpec, seed: int, where: str):
-    """(train, validation) for a task; rows carry the text columns and an integer/float `label`."""
-    from lmssl.data.text import _load
-
-    data = _load(spec.data, spec.data.split)
-    for column in filter(None, (spec.text_column, spec.pair_column, spec.label_column)):
-        if column not in data.column_names:
-            raise LmsslError(f"{where}: task {spec.name!r} has no column {column!r}; columns: {', '.join(data.column_names)}")
-    if "split" in data.column_names and not spec.data.eval_split:
-        train = data.filter(lambda r: r["split"] == "train")
-        valid = data.filter(lambda r: r["split"] == "validation")
-    elif spec.data.eval_split:
-        train, valid = data, _load(spec.data, spec.data.eval_split)
-    else:
-        parts = data.train_test_split(test_size=0.1, seed=seed)
-        train, valid = parts["train"], parts["test"]
-    if len(train) == 0 or len(valid) == 0:
-        raise LmsslError(f"{where}: task {spec.name!r} has an empty {'training' if len(train) == 0 else 'validation'} split")
-    if spec.label_column != "label":
-        train = train.rename_column(spec.label_column, "label")
-        valid = valid.rename_column(spec.label_column, "label")
-    return train, valid
+def _settings(cfg: Config, task: Task) -> Config:
+    """The stage's config with each unset hyperparameter filled from the task's defaults."""
+    pick = {key: getattr(cfg, key) if getattr(cfg, key) is not None else getattr(task.defaults, key)
+            for key in ("learning_rate", "epochs", "batch_size", "max_length")}
+    return dataclasses.replace(cfg, **pick)
 
 
-def _finetune_once(cfg: Config, ctx, spec: TaskSpec, train_rows, valid_rows, source, scratch: bool, seed: int,
-                   out_dir):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def _load_model(source, task: Task, scratch: bool, tokenizer):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from lmssl.evaluation import evaluate_objective
-    from lmssl.objectives.classification import SequenceClassification
+    names = task.label_names or ["score"]
+    kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                  label2id={n: i for i, n in enumerate(names)}, pad_token_id=tokenizer.pad_token_id,
+                  problem_type="regression" if task.label_names is None else "single_label_classification")
+    if scratch:
+        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(source), **kwargs))
+    # A head trained for another task may have another size: it is replaced, the encoder is kept.
+    return AutoModelForSequenceClassification.from_pretrained(str(source), ignore_mismatched_sizes=True, **kwargs)
+
+
+def _scores(task: Task, predictions: dict[str, list], references: dict[str, list]) -> dict[str, float]:
+    from lmssl.evaluation import METRIC_FUNCTIONS
+
+    scores = {}
+    for split, preds in predictions.items():
+        suffix = "" if len(task.evals) == 1 else "_" + split.removeprefix("validation_")
+        for metric in task.metrics:
+            scores[metric + suffix] = float(METRIC_FUNCTIONS[metric](preds, references[split]))
+    return scores
+
+
+def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, source, tokenizer, scratch: bool,
+                   seed: int, run_dir: Path) -> tuple[object, dict]:
+    """Train one model; return it with its validation scores and its test-split predictions."""
+    from lmssl.evaluation import predict
     from lmssl.training import seed_all, train
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    num_labels = spec.num_labels or len(set(train_rows["label"]))
-    objective = SequenceClassification(tokenizer, spec.text_column, spec.pair_column, cfg.max_length, num_labels)
-    with ctx.main_process_first():
-        train_data = objective.prepare(train_rows)
-        valid_data = objective.prepare(valid_rows)
-    seed_all(seed)
-    if scratch:
-        config = AutoConfig.from_pretrained(str(source), num_labels=num_labels)
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(source), num_labels=num_labels)
-    result = train(objective, model, train_data, valid_data, cfg, ctx.accelerator, out_dir, out_dir / "checkpoints",
-                   seed, ctx.gradient_accumulation_steps, desc=f"{spec.name}{'-scratch' if scratch else ''}/seed{seed}")
-    scores = evaluate_objective(objective, model, valid_data, cfg.batch_size, ctx.accelerator, seed)
-    return model, tokenizer, scores, result
+    seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
+    model = _load_model(source, task, scratch, tokenizer)
+    first = next(iter(task.evals))
+    train(objective, model, prepared["train"], prepared[first], cfg, ctx.accelerator, run_dir,
+          run_dir / "checkpoints", seed, ctx.gradient_accumulation_steps,
+          desc=f"{task.name}{'-scratch' if scratch else ''}/seed{seed}")
+    model = ctx.accelerator.unwrap_model(model)
+    preds = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
+             for split in task.evals}
+    scores = _scores(task, preds, {split: task.evals[split]["label"] for split in task.evals})
+    tests = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
+             for split in task.tests}
+    return model, {"seed": seed, "scores": scores, "tests": tests}
+
+
+def _write_submission(folder: Path, task: Task, predictions: dict[str, list]) -> None:
+    """GLUE submission files: <TASK>.tsv with a header `index<TAB>prediction` and one row per test example."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, preds in predictions.items():
+        lines = ["index\tprediction"]
+        for idx, value in zip(task.tests[split]["idx"], preds):
+            if task.label_names is None:
+                lines.append(f"{idx}\t{min(5.0, max(0.0, value)) if task.name == 'stsb' else value:.3f}")
+            else:
+                lines.append(f"{idx}\t{task.label_names[int(value)] if task.predict_names else int(value)}")
+        (folder / f"{task.submission[split]}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _table(rows: list[dict], scratch: bool) -> list[str]:
+    """Markdown: one row per task and metric, scores x100 as mean ± std over seeds, inits side by side."""
+    inits = ["pretrained", "scratch"] if scratch else ["pretrained"]
+    table = ["| task | metric | seeds | " + " | ".join(inits) + " |", "|---|---|---|" + "---|" * len(inits)]
+    for (task, metric), group in _grouped(rows).items():
+        cells = [f"{100 * group[i]['mean']:.1f} ± {100 * group[i]['std']:.1f}" if i in group else "" for i in inits]
+        table.append(f"| {task} | {metric} | {len(group['pretrained']['scores'])} | " + " | ".join(cells) + " |")
+    return table
+
+
+def _grouped(rows: list[dict]) -> dict:
+    out: dict = {}
+    for row in rows:
+        out.setdefault((row["task"], row["metric"]), {})[row["init"]] = row
+    return out
 
 
 def run(cfg: Config, ctx):
+    from transformers import AutoTokenizer
+
     from lmssl.hub import save_model, write_json, write_model_card
+    from lmssl.objectives.classification import SequenceClassification
     from lmssl.runner import StageResult
 
     source = ctx.resolve(cfg.model_from)
     where = f"stages.{cfg.name}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise LmsslError(f"{where}.model_from: cannot load a tokenizer from {str(source)!r}: "
+                         f"{str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     metrics: dict[str, float] = {}
-    table = ["| task | init | metric | mean | std | seeds |", "|---|---|---|---|---|---|"]
-    results = []
-    for task in cfg.tasks:
-        spec = task_spec(task)
-        train_rows, valid_rows = load_task(spec, ctx.seed, where)
-        for scratch in ([False, True] if cfg.scratch_baseline else [False]):
+    rows: list[dict] = []
+    inits = [False, True] if cfg.scratch_baseline else [False]
+    for entry in expand_tasks(cfg.tasks, cfg.glue_dir, lambda text: ctx.print(f"[{cfg.name}] {text}")):
+        task = load_task(entry, cfg.glue_dir, ctx.seed, where)
+        if cfg.max_train_samples is not None:
+            task.train = task.train.select(range(min(cfg.max_train_samples, len(task.train))))
+        settings = _settings(cfg, task)
+        objective = SequenceClassification(tokenizer, "text", "text_pair" if task.has_pair else None,
+                                           settings.max_length, len(task.label_names or [None]))
+        with ctx.main_process_first():
+            prepared = {split: objective.prepare(data) for split, data in
+                        [("train", task.train), *task.evals.items(), *task.tests.items()]}
+        for scratch in inits:
             init = "scratch" if scratch else "pretrained"
-            scores, best = [], None
+            runs, best = [], None
             for seed in cfg.seeds:
-                run_dir = ctx.out_dir / "runs" / f"{spec.name}-{init}-seed{seed}"
-                model, tokenizer, score, _ = _finetune_once(cfg, ctx, spec, train_rows, valid_rows, source,
-                                                             scratch, seed, run_dir)
-                key = "accuracy" if "accuracy" in score else "loss"
-                scores.append(score[key])
-                better = best is None or (score[key] > best[0] if key == "accuracy" else score[key] < best[0])
-                if better and not scratch:
-                    best = (score[key], seed)
-                    save_model(ctx.accelerator, model, ctx.out_dir / spec.name, tokenizer)
-            mean = statistics.fmean(scores)
-            std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            metrics[f"{spec.name}/{init}/{key}"] = mean
-            table.append(f"| {spec.name} | {init} | {key} | {mean:.4f} | {std:.4f} | {len(scores)} |")
-            results.append({"task": spec.name, "init": init, "metric": key, "mean": mean, "std": std,
-                            "scores": scores})
+                run_dir = ctx.out_dir / "runs" / f"{task.name}-{init}-seed{seed}"
+                done = run_dir / "result.json"
+                if done.exists():  # finished before an interruption: its model, if best, is already saved
+                    result = json.loads(done.read_text(encoding="utf-8"))
+                    model = None
+                else:
+                    model, result = _finetune_once(settings, ctx, task, prepared, objective, source, tokenizer,
+                                                   scratch, seed, run_dir)
+                runs.append(result)
+                score = statistics.fmean(result["scores"].values())  # the task's one number (GLUE convention)
+                if best is None or score > best[0]:
+                    best = (score, result)
+                    if model is not None and not scratch:
+                        save_model(ctx.accelerator, model, ctx.out_dir / task.name, tokenizer)
+                if ctx.is_main and not done.exists():
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    write_json(done, result)
+                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            for metric in runs[0]["scores"]:
+                values = [r["scores"][metric] for r in runs]
+                mean, std = _mean_std(values)
+                metrics[f"{task.name}/{init}/{metric}"] = mean
+                rows.append({"task": task.name, "init": init, "metric": metric, "mean": mean, "std": std,
+                             "seeds": list(cfg.seeds), "scores": values, "best_seed": best[1]["seed"]})
+            if not scratch and ctx.is_main and task.tests:
+                _write_submission(ctx.out_dir / "submission", task, best[1]["tests"])
         if ctx.is_main:
             write_model_card(
-                ctx.out_dir / spec.name, title=f"{spec.name} fine-tuned from {cfg.model_from}",
-                summary=f"Fine-tuned by lmssl stage `{cfg.name}` on task `{spec.name}`; best of seeds {cfg.seeds}.",
+                ctx.out_dir / task.name, title=f"{task.name} fine-tuned from {cfg.model_from}",
+                summary=(f"Fine-tuned by lmssl stage `{cfg.name}` on task `{task.name}` (learning rate "
+                         f"{settings.learning_rate}, {settings.epochs} epochs, batch {settings.batch_size}, "
+                         f"max length {settings.max_length}); the best of seeds {cfg.seeds} by validation score."),
                 recipe_raw=ctx.recipe_raw, stage_name=cfg.name,
-                metrics={k: v for k, v in metrics.items() if k.startswith(spec.name + "/")},
-                pipeline_tag="text-classification", tags=("text-classification", spec.name),
+                metrics={k: v for k, v in metrics.items() if k.startswith(task.name + "/")},
+                pipeline_tag="text-classification", tags=("text-classification", task.name),
             )
+    table = _table(rows, cfg.scratch_baseline)
+    glue_means = [statistics.fmean(r["mean"] for r in rows if r["task"] == t and r["init"] == "pretrained")
+                  for t in dict.fromkeys(r["task"] for r in rows) if t in GLUE_TASKS]
+    if len(glue_means) > 1:
+        metrics["glue/pretrained/average"] = statistics.fmean(glue_means)
     if ctx.is_main:
-        write_json(ctx.out_dir / "results.json", {"results": results})
+        write_json(ctx.out_dir / "results.json", {"results": rows, "metrics": metrics})
         (ctx.out_dir / "results.md").write_text("\n".join(table) + "\n", encoding="utf-8")
-    report = f"## {cfg.name}: fine-tuning results (validation)\n\n" + "\n".join(table) + "\n"
-    return StageResult(ctx.out_dir, metrics, headline=metrics, report=report)
+    report = f"## {cfg.name}: fine-tuning results (validation, x100, mean ± std over seeds)\n\n" + "\n".join(table)
+    if "glue/pretrained/average" in metrics:
+        report += f"\n\nGLUE average over {len(glue_means)} tasks: {100 * metrics['glue/pretrained/average']:.1f}"
+    headline = {k: v for k, v in metrics.items() if k.count("/") == 2}
+    return StageResult(ctx.out_dir, metrics, headline=headline, report=report + "\n")
