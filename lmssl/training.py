@@ -13,7 +13,7 @@ import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -152,8 +152,12 @@ class _StopFlag:
 
 
 def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, accelerator, out_dir: Path,
-          ckpt_dir: Path, seed: int, accumulation: int, desc: str = "train") -> TrainResult:
-    """Train `model` with `objective` for cfg.max_steps (or cfg.epochs); resume from ckpt_dir if it holds one."""
+          ckpt_dir: Optional[Path], seed: int, accumulation: int, desc: str = "train",
+          on_eval: Optional[Callable[[int], dict[str, float]]] = None) -> TrainResult:
+    """Train `model` with `objective` for cfg.max_steps (or cfg.epochs); resume from ckpt_dir if it holds one.
+
+    `on_eval(step)`, when given, runs on every process after each evaluation (a stage scoring its
+    task metric and keeping the best weights, say); the metrics it returns are logged too."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_data) // (cfg.batch_size * world)
     if per_epoch == 0:
@@ -203,8 +207,11 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
             return {}
         result = evaluate_objective(objective, module, eval_data, cfg.batch_size, accelerator, seed,
                                     max_batches=cfg.eval_batches)
+        metrics = {f"eval/{k}": v for k, v in result.items()}
+        if on_eval is not None:
+            metrics.update(on_eval(step) or {})
         module.train()
-        return {f"eval/{k}": v for k, v in result.items()}
+        return metrics
 
     module.train()
     running, running_n, step_bad = 0.0, 0, False

@@ -81,7 +81,7 @@ def test_two_processes_follow_the_one_process_loss_curve_with_doubled_batch(runs
     root, _ = runs
     two, one = _losses(root / "run2"), _losses(root / "run1")
     assert sorted(two) == sorted(one) == list(range(5, 45, 5))
-    assert two[40] < two[5] - 1.0, "loss should fall"
+    assert two[40] < two[5] - 0.5, "loss should fall"
     for step in two:  # same examples per step; only the masks and dropout draws differ
         assert abs(two[step] - one[step]) < 0.12 * one[step], (step, two[step], one[step])
     e2 = json.loads((root / "run2" / "pre" / "stage.json").read_text())["metrics"]["eval/loss"]

@@ -105,16 +105,31 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
     seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
     model = _load_model(source, task, scratch, tokenizer)
     first = next(iter(task.evals))
-    train(objective, model, prepared["train"], prepared[first], cfg, ctx.accelerator, run_dir,
-          run_dir / "checkpoints", seed, ctx.gradient_accumulation_steps,
-          desc=f"{task.name}{'-scratch' if scratch else ''}/seed{seed}")
+    references = {split: task.evals[split]["label"] for split in task.evals}
+    best: dict = {"value": None}
+
+    def score_and_keep_best(step: int) -> dict[str, float]:
+        """Score the task metric after every epoch; keep the best weights (in memory) by it."""
+        preds = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
+                 for split in task.evals}
+        scores = _scores(task, preds, references)
+        value = statistics.fmean(scores.values())
+        if best["value"] is None or value > best["value"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best.update(value=value, scores=scores, step=step, state=state)
+        return {f"eval/{k}": v for k, v in scores.items()}
+
+    per_epoch = len(prepared["train"]) // (cfg.batch_size * ctx.accelerator.num_processes)
+    epoch_steps = max(1, per_epoch // ctx.gradient_accumulation_steps)
+    train(objective, model, prepared["train"], prepared[first], dataclasses.replace(cfg, eval_every=epoch_steps),
+          ctx.accelerator, run_dir, run_dir / "checkpoints", seed, ctx.gradient_accumulation_steps,
+          desc=f"{task.name}{'-scratch' if scratch else ''}/seed{seed}", on_eval=score_and_keep_best)
     model = ctx.accelerator.unwrap_model(model)
-    preds = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
-             for split in task.evals}
-    scores = _scores(task, preds, {split: task.evals[split]["label"] for split in task.evals})
+    model.load_state_dict(best["state"])
+    scores = best["scores"]
     tests = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
              for split in task.tests}
-    return model, {"seed": seed, "scores": scores, "tests": tests}
+    return model, {"seed": seed, "scores": scores, "tests": tests, "best_step": best["step"]}
 
 
 def _write_submission(folder: Path, task: Task, predictions: dict[str, list]) -> None:
