@@ -134,7 +134,8 @@ def load(accelerator, folder: Path, model: torch.nn.Module, optimizer, scheduler
             f"checkpoint {folder} was written by {loop_state['world']} processes and this run has "
             f"{accelerator.num_processes}; resume with the same number of processes (or --force the stage)"
         )
-    load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"), device=str(accelerator.device))
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors rejects "cpu:0"
+    load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"), device=device)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
     if (folder / "scaler.pt").exists() and getattr(accelerator, "scaler", None) is not None:

@@ -105,11 +105,17 @@ def test_killed_two_process_run_resumes_to_identical_weights(runs, tmp_path):
     proc = subprocess.Popen(_launch(root / "two.yaml", run_dir, 2), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=_env(), cwd=tmp_path, start_new_session=True)
     deadline = time.time() + 300
-    while proc.poll() is None and not list(run_dir.glob(".partial/pre-*/checkpoints/step-00000020")):
+    while proc.poll() is None and not list(run_dir.glob(".partial/pre-*/checkpoints/step-00000010")):
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:  # the launcher and both workers (torch's agent may start them in their own sessions)
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+    assert not (run_dir / "pre").exists(), "the run finished before it could be killed"
     again = subprocess.run(_launch(root / "two.yaml", run_dir, 2), capture_output=True, text=True, env=_env(),
                            cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
