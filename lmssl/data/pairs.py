@@ -58,18 +58,29 @@ def nsp_pairs(documents: list[list[list[int]]], index: int, rng: random.Random, 
               short_seq_prob: float = 0.1) -> list[dict]:
     """BERT's pairs from document `index`: segment A is one or more sentences; B is the true
     continuation (label IS_NEXT) half the time, else a span of another document (NOT_NEXT).
+    A chunk bound for a true continuation grows until it has two sentences, so labels stay
+    balanced; a one-sentence document gives no pairs (it still serves as another's random B).
     Each pair says where B came from (`b_doc`), so tests can check it."""
     doc = documents[index]
     others = [j for j in range(len(documents)) if j != index and documents[j]]
-    pairs, chunk, length, i = [], [], 0, 0
+    if len(doc) < 2:
+        return []
+    pairs, chunk, length, i, random_b = [], [], 0, 0, None
     target = _target_length(rng, max_tokens, short_seq_prob)
     while i < len(doc):
         chunk.append(doc[i])
         length += len(doc[i])
-        if i == len(doc) - 1 or length >= target:
+        last = i == len(doc) - 1
+        if last or length >= target:
+            if random_b is None:
+                random_b = bool(others) and rng.random() < 0.5
+            if not random_b and len(chunk) == 1 and not last:
+                i += 1
+                continue
+            random_b = random_b or len(chunk) == 1
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             a = _flat(chunk[:a_end])
-            if others and (len(chunk) == 1 or rng.random() < 0.5):
+            if random_b and others:
                 label, b_doc = NOT_NEXT, rng.choice(others)
                 other = documents[b_doc]
                 start, b = rng.randint(0, len(other) - 1), []
@@ -83,7 +94,7 @@ def nsp_pairs(documents: list[list[list[int]]], index: int, rng: random.Random, 
             truncate_pair(a, b, max_tokens)
             if a and b:
                 pairs.append({"a": a, "b": b, "label": label, "b_doc": b_doc})
-            chunk, length = [], 0
+            chunk, length, random_b = [], 0, None
             target = _target_length(rng, max_tokens, short_seq_prob)
         i += 1
     return pairs

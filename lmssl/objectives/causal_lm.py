@@ -49,8 +49,9 @@ class ShiftedCausalLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         # Right padding under a causal mask never reaches a real token, so no attention mask is
-        # passed; that also lets transformers read packed documents from restarting position ids.
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        # passed; that (and no cache) lets transformers read packed documents from restarting position ids.
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
         has_next = attention_mask[:, 1:].bool()                             # (batch, seq-1)
         logits = self.model.get_output_embeddings()(hidden[:, :-1][has_next])  # (n_targets, vocab)
         targets = input_ids[:, 1:][has_next]                                # (n_targets,)
