@@ -100,5 +100,7 @@ def run(cfg: Config, ctx):
             pipeline_tag="fill-mask" if cfg.objective.startswith(("mlm", "sop")) else "text-generation",
             tags=(cfg.objective, family),
         )
-    headline = {k: v for k, v in metrics.items() if k in ("eval/loss", "eval/accuracy", "eval/perplexity", "steps")}
+    shown = ("eval/loss", "eval/mlm_loss", "eval/accuracy", "eval/perplexity", "eval/nsp_accuracy",
+             "eval/sop_accuracy", "steps")
+    headline = {k: v for k, v in metrics.items() if k in shown}
     return StageResult(ctx.out_dir, metrics, headline=headline)
