@@ -289,3 +289,22 @@ def test_shifted_causal_loss_on_real_tokens_equals_the_library_loss(bytebpe, doc
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlm_nsp", "sop"])
+def test_sparse_pretraining_heads_equal_bert_for_pretraining_loss(wordpiece, documents, name):
+    from transformers import BertForPreTraining
+
+    from lmssl.models import ModelConfig
+
+    objective = OBJECTIVES[name](OBJECTIVES[name].Options(), wordpiece, 64)
+    model = objective.build_model(ModelConfig(family="bert", size="tiny", dropout=0.0)).eval()
+    assert isinstance(model, BertForPreTraining)
+    pairs = objective.prepare(documents, "text")
+    batch = objective.collate([pairs[i] for i in range(8)])
+    ours, stats = objective.loss(objective.training_module(model), batch)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"], labels=batch["labels"],
+                      next_sentence_label=batch["pair_label"]).loss
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert set(stats) == set(objective.stat_names) and stats[f"{name[-3:]}_accuracy"][1] == 8
