@@ -8,8 +8,6 @@ built once; the masks on them are drawn fresh every epoch by the collator.
 from __future__ import annotations
 
 import random
-from typing import Optional
-
 from lmssl.data.text import split_sentences
 from lmssl.errors import LmsslError
 
@@ -155,8 +153,3 @@ def build_pair_dataset(documents, tokenizer, kind: str, max_length: int, seed: i
     return documents.map(make, batched=True, batch_size=DOCS_PER_BATCH, with_indices=True,
                          remove_columns=documents.column_names, desc=f"{kind} pairs")
 
-
-def label_share(dataset, label: int) -> Optional[float]:
-    """Share of rows whose pair_label equals `label` (None for an empty set)."""
-    labels = dataset["pair_label"]
-    return sum(1 for x in labels if x == label) / len(labels) if len(labels) else None

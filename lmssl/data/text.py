@@ -42,7 +42,7 @@ def _load(cfg: DataConfig, split: str):
         raise LmsslError(f"could not load {cfg.path!r} split {split!r}: {err}") from None
 
 
-def _materialize(stream, column: str, limit: Optional[int]):
+def _materialize(stream, column: str, limit: Optional[int], where: str):
     """A streamed split as an on-disk (memory-mapped) Dataset of its text column: the corpus is
     read chunk by chunk and never held in memory; `limit` rows at most."""
     import datasets
@@ -51,10 +51,17 @@ def _materialize(stream, column: str, limit: Optional[int]):
         for i, row in enumerate(stream):
             if limit is not None and i >= limit:
                 return
+            if column not in row:
+                raise LmsslError(f"{where}.data.column: the streamed data has no column {column!r}; columns: {', '.join(row)}")
             yield {column: row[column]}
 
     features = datasets.Features({column: datasets.Value("string")})
-    return datasets.Dataset.from_generator(rows, features=features, writer_batch_size=STREAM_CHUNK)
+    try:
+        return datasets.Dataset.from_generator(rows, features=features, writer_batch_size=STREAM_CHUNK)
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, LmsslError):
+            raise err.__cause__ from None
+        raise
 
 
 def load_splits(cfg: DataConfig, seed: int, where: str):
@@ -68,8 +75,8 @@ def load_splits(cfg: DataConfig, seed: int, where: str):
     if cfg.eval_split:
         eval_data = _load(cfg, cfg.eval_split)
     if cfg.streaming:
-        data = _materialize(data, cfg.column, cfg.max_samples)
-        eval_data = _materialize(eval_data, cfg.column, None) if eval_data is not None else None
+        data = _materialize(data, cfg.column, cfg.max_samples, where)
+        eval_data = _materialize(eval_data, cfg.column, None, where) if eval_data is not None else None
     elif cfg.max_samples is not None:
         data = data.select(range(min(cfg.max_samples, len(data))))
     if eval_data is None and cfg.eval_fraction > 0 and len(data) >= 20:
