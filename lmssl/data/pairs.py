@@ -1,9 +1,5 @@
-"""Sentence pairs for next-sentence prediction (BERT) and sentence-order prediction (ALBERT).
-
-Documents become lists of tokenized sentences (one batched `datasets.map`), then pairs are cut
-from them (another map, seeded per batch so the result is cached and reproducible). Pairs are
-built once; the masks on them are drawn fresh every epoch by the collator.
-"""
+"""Sentence pairs for next-sentence (BERT) and sentence-order (ALBERT) prediction, cut once from
+tokenized documents with seeded, cached `datasets.map` calls; masks on them are drawn per batch."""
 
 from __future__ import annotations
 

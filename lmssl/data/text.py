@@ -1,9 +1,5 @@
-"""Text sources into `datasets`: one DataConfig -> a training split and an evaluation split, then
-documents (rows, or runs of lines between blank lines) and their sentences, split without downloads.
-
-Every source goes through `datasets.load_dataset` (local files and folders, hub ids when
-online); `builtin:` sets are harvested by lmssl (data/builtin.py) and read as JSON lines.
-"""
+"""Text sources into `datasets` (train and eval splits, streamed ones kept on disk), documents (rows, or
+lines between blank lines) and sentences split by punctuation rules, without downloads."""
 
 from __future__ import annotations
 

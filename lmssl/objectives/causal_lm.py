@@ -1,11 +1,5 @@
-"""Causal language modeling, next-token prediction (Radford et al. 2019, "Language Models are
-Unsupervised Multitask Learners" (GPT-2); Touvron et al. 2023, "LLaMA", arXiv:2302.13971).
-
-Documents are joined with EOS and cut into blocks of max_length tokens; the last, shorter block
-of each packing batch is kept (padded at the right), never dropped. The loss is shifted by hand
-and the vocabulary head runs on real tokens only. With `document_attention`, position ids
-restart after every EOS, and transformers then keeps attention inside each document.
-"""
+"""Causal LM on EOS-joined, packed documents (Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners"; Touvron et al. 2023, "LLaMA", arXiv:2302.13971); shifted loss on real tokens only."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Masked LM plus next-sentence prediction on BertForPreTraining (Devlin et al. 2019, "BERT:
-Pre-training of Deep Bidirectional Transformers for Language Understanding", arXiv:1810.04805).
-
-Pairs come from data/pairs.py (built once, seeded); masks are drawn per batch. The vocabulary
-head runs only on masked positions; the pair head on the pooled [CLS] vector.
-"""
+"""Masked LM plus next-sentence prediction on BertForPreTraining (Devlin et al. 2019, "BERT: Pre-training
+of Deep Bidirectional Transformers for Language Understanding", arXiv:1810.04805)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Masked LM plus sentence-order prediction (Lan et al. 2020, "ALBERT: A Lite BERT for
-Self-supervised Learning of Language Representations", arXiv:1909.11942), on BertForPreTraining.
-
-Both segments always come from one document; half the pairs are swapped, and the pair head of
-BertForPreTraining learns to tell the order (label 1 = swapped).
-"""
+"""Masked LM plus sentence-order prediction (Lan et al. 2020, "ALBERT: A Lite BERT for Self-supervised
+Learning of Language Representations", arXiv:1909.11942) on BertForPreTraining's pair head (1 = swapped)."""
 
 from __future__ import annotations
 
