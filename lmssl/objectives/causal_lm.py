@@ -54,6 +54,9 @@ class ShiftedCausalLM(torch.nn.Module):
 
 
 class CausalLM:
+    """Documents end with EOS and are cut into blocks of max_length; the last, shorter block of each
+    packing batch is kept (padded at the right, never scored there), not dropped."""
+
     name = "causal_lm"
     families = CAUSAL_FAMILIES
     stat_names = ("loss", "accuracy")
