@@ -107,6 +107,10 @@ def test_nsp_with_a_gpt2_model_is_a_recipe_error_naming_the_family(tmp_path):
         check(pretrain_stage(tmp_path, "gpt2", "mlm_nsp"))
     with pytest.raises(RecipeError, match=r"the sop objective needs one of bert, not 'roberta'"):
         check(pretrain_stage(tmp_path, "roberta", "sop"))
+    with pytest.raises(RecipeError, match=r"objective_args\.whole_word: whole-word masking .* mlm objective only"):
+        check(pretrain_stage(tmp_path, "bert", "mlm_nsp", objective_args={"whole_word": True}))
+    with pytest.raises(RecipeError, match=r"stages\.pretrain\.documents: .*did you mean 'blank_lines'"):
+        check(pretrain_stage(tmp_path, "bert", "mlm", documents="blank_line"))
 
 
 def test_a_block_size_beyond_the_models_positions_is_a_recipe_error(tmp_path, bytebpe):

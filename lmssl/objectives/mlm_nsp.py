@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmssl.data.pairs import build_pair_dataset, tokenize_sentences
-from lmssl.errors import LmsslError
+from lmssl.errors import RecipeError
 from lmssl.models import build_config
 from lmssl.objectives.mlm import MaskedLM
 from lmssl.objectives.mlm import Options as MaskOptions
@@ -53,10 +53,11 @@ class MaskedLMWithNSP(MaskedLM):
     seed = 0
     """Seeds pair building; the pretrain stage sets it to the recipe's seed."""
 
-    def __init__(self, options: Options, tokenizer, max_length: int):
-        super().__init__(options, tokenizer, max_length)
+    @classmethod
+    def check_options(cls, options: Options, where: str) -> None:
         if options.whole_word:
-            raise LmsslError(f"{self.name}: whole_word masking is available with the mlm objective only")
+            raise RecipeError(f"{where}.whole_word: whole-word masking is available with the mlm objective only, "
+                              f"not {cls.name}")
 
     def build_model(self, model_cfg):
         from transformers import BertForPreTraining

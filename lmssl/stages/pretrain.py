@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from lmssl.errors import RecipeError
-from lmssl.data.text import DOCUMENT_MODES
 from lmssl.models import ModelConfig, check_model, check_positions
 from lmssl.recipe import DataConfig, TrainingConfig, parse_dataclass
 
@@ -23,7 +22,7 @@ class Config(TrainingConfig):
     """Architecture family and size, or a checkpoint to warm-start from."""
     data: DataConfig = field(default_factory=DataConfig)
     """The unlabeled text."""
-    documents: str = "rows"
+    documents: Literal["rows", "blank_lines"] = "rows"
     """What a document is: rows (each row of data.column) or blank_lines (rows are lines of text
     and blank lines end a document, as in WikiText). NSP/SOP pairs and EOS joins follow documents."""
     max_length: int = 128
@@ -37,15 +36,15 @@ class Config(TrainingConfig):
         if self.objective not in OBJECTIVES:
             raise RecipeError(f"{where}.objective: unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}")
         objective = OBJECTIVES[self.objective]
-        parse_dataclass(objective.Options, self.objective_args, f"{where}.objective_args")
+        options = parse_dataclass(objective.Options, self.objective_args, f"{where}.objective_args")
+        if hasattr(objective, "check_options"):
+            objective.check_options(options, f"{where}.objective_args")
         check_model(self.model, f"{where}.model")
         if self.model.init_from is None and self.model.family not in objective.families:
             raise RecipeError(
                 f"{where}.model.family: the {self.objective} objective needs one of "
                 f"{', '.join(objective.families)}, not {self.model.family!r}"
             )
-        if self.documents not in DOCUMENT_MODES:
-            raise RecipeError(f"{where}.documents: unknown mode {self.documents!r}; known: {', '.join(DOCUMENT_MODES)}")
         if self.max_length < 8:
             raise RecipeError(f"{where}.max_length: {self.max_length} tokens is too short to train on; use 64 or more")
         check_positions(self.model, self.max_length, f"{where}.model")
