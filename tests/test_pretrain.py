@@ -24,8 +24,8 @@ BATCH, LENGTH = 16, 64
 FAMILIES = {
     "bert": ("mlm_nsp", "wordpiece", "AutoModelForPreTraining", 400, {"mask_rate": 0.4}, 0.15),
     "roberta": ("mlm", "bytebpe", "AutoModelForMaskedLM", 700, {"mask_rate": 0.4}, 0.15),
-    "gpt2": ("causal_lm", "bytebpe", "AutoModelForCausalLM", 200, {}, 0.5),
-    "llama": ("causal_lm", "bytebpe", "AutoModelForCausalLM", 200, {"document_attention": True}, 0.5),
+    "gpt2": ("causal_lm", "bytebpe", "AutoModelForCausalLM", 250, {}, 0.5),
+    "llama": ("causal_lm", "bytebpe", "AutoModelForCausalLM", 250, {"document_attention": True}, 0.5),
 }
 
 
