@@ -8,6 +8,7 @@ this module only says what a "bert/tiny" or "llama/small" is, so every output re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 # hidden, layers, heads, intermediate. tiny/mini/small follow Turc et al. 2019 (BERT miniatures).
@@ -59,9 +60,10 @@ def build_config(cfg: ModelConfig, tokenizer, max_positions: int):
     common: dict[str, Any] = dict(vocab_size=vocab, pad_token_id=pad)
     if cfg.family in ("bert", "roberta"):
         config_cls = BertConfig if cfg.family == "bert" else RobertaConfig
-        extra = {"max_position_embeddings": max_positions + (2 if cfg.family == "roberta" else 0)}
+        extra = {"max_position_embeddings": max_positions}
         if cfg.family == "roberta":
-            extra["type_vocab_size"] = 1
+            # RoBERTa numbers positions from pad_token_id + 1, so it needs that many more rows.
+            extra.update(max_position_embeddings=max_positions + (pad or 0) + 1, type_vocab_size=1)
         config = config_cls(
             hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
             intermediate_size=s["intermediate"], **extra, **common,
@@ -90,8 +92,31 @@ def build_config(cfg: ModelConfig, tokenizer, max_positions: int):
 
 
 def max_positions_of(config) -> Optional[int]:
+    """How many tokens a sequence may hold in a model of this config (None: unbounded)."""
     for key in ("max_position_embeddings", "n_positions"):
         if getattr(config, key, None):
             value = getattr(config, key)
-            return value - 2 if getattr(config, "model_type", "") == "roberta" else value
+            if getattr(config, "model_type", "") == "roberta":
+                return value - (config.pad_token_id or 0) - 1
+            return value
     return None
+
+
+def check_positions(cfg: ModelConfig, max_length: int, where: str) -> None:
+    """A recipe error when sequences of max_length tokens would not fit the model's positions:
+    a warm start's config (local folders only, read offline) or a positions override."""
+    from lmssl.errors import RecipeError
+
+    limit, origin = None, None
+    for key in ("max_position_embeddings", "n_positions"):
+        if key in cfg.overrides:
+            limit, origin = cfg.overrides[key], f"{where}.overrides.{key}"
+            if cfg.family == "roberta":
+                limit -= 2
+    if cfg.init_from and Path(cfg.init_from).expanduser().is_dir():
+        from transformers import AutoConfig
+
+        limit, origin = max_positions_of(AutoConfig.from_pretrained(cfg.init_from)), f"{where}.init_from"
+    if limit is not None and max_length > limit:
+        raise RecipeError(f"{where}: max_length {max_length} is beyond the {limit} positions of the model "
+                          f"({origin}); lower max_length to {limit} or less")

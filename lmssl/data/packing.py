@@ -6,30 +6,66 @@ with a separator; blocks are cut from the stream and the last, shorter block is 
 
 from __future__ import annotations
 
+from typing import Optional
 
-def tokenize_column(dataset, tokenizer, column: str, desc: str = "tokenizing"):
+
+def word_starts_of(encoding, index: int) -> list[int]:
+    """1 where a token begins a word (per the tokenizer's pre-tokenizer), else 0."""
+    starts, previous = [], None
+    for word in encoding.word_ids(index):
+        starts.append(int(word is None or word != previous))
+        previous = word
+    return starts
+
+
+def tokenize_column(dataset, tokenizer, column: str, desc: str = "tokenizing", with_word_starts: bool = False,
+                    append: Optional[list[int]] = None):
+    """One `ids` row per non-blank text (plus `word_starts` for whole-word masking); `append`
+    (e.g. [eos]) is added after every text."""
+    append = list(append or [])
+
     def encode(batch):
         texts = [t for t in batch[column] if t and t.strip()]
-        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
+        if not texts:
+            return {"ids": [], **({"word_starts": []} if with_word_starts else {})}
+        enc = tokenizer(texts, add_special_tokens=False)
+        out = {"ids": [ids + append for ids in enc["input_ids"]]}
+        if with_word_starts:
+            out["word_starts"] = [word_starts_of(enc, i) + [1] * len(append) for i in range(len(texts))]
+        return out
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=desc)
+
+
+def cut_blocks(stream: list[int], content_length: int) -> list[list[int]]:
+    """`stream` in consecutive pieces of content_length tokens; the last piece may be shorter."""
+    return [stream[i:i + content_length] for i in range(0, len(stream), content_length)]
 
 
 def pack_blocks(dataset, content_length: int, separator: list[int], prefix: list[int], suffix: list[int],
                 desc: str = "packing"):
     """Concatenate token lists (separator between documents) into blocks of
     prefix + content_length tokens + suffix. The remainder of each map batch is kept as a
-    shorter block rather than dropped."""
+    shorter block rather than dropped. A `word_starts` column travels along (the first token of
+    every block starts a word, so no word is split between a block and its neighbour's mask)."""
+    with_words = "word_starts" in dataset.column_names
 
     def pack(batch):
         stream: list[int] = []
-        for ids in batch["ids"]:
+        starts: list[int] = []
+        for j, ids in enumerate(batch["ids"]):
             if not ids:
                 continue
             if stream and separator:
                 stream.extend(separator)
+                starts.extend([1] * len(separator))
             stream.extend(ids)
-        blocks = [prefix + stream[i:i + content_length] + suffix for i in range(0, len(stream), content_length)]
-        return {"input_ids": blocks}
+            if with_words:
+                starts.extend(batch["word_starts"][j])
+        out = {"input_ids": [prefix + block + suffix for block in cut_blocks(stream, content_length)]}
+        if with_words:
+            edge_p, edge_s = [1] * len(prefix), [1] * len(suffix)
+            out["word_starts"] = [edge_p + [1] + block[1:] + edge_s for block in cut_blocks(starts, content_length)]
+        return out
 
     return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=desc)

@@ -1,15 +1,20 @@
-"""Text sources into `datasets`: one DataConfig -> a training split and an evaluation split.
-
-Every source goes through `datasets.load_dataset` (local files and folders, hub ids when
-online); `builtin:` sets are harvested by lmssl (data/builtin.py) and read as JSON lines.
-"""
+"""Text sources into `datasets` (train and eval splits, streamed ones kept on disk), documents (rows, or
+lines between blank lines) and sentences split by punctuation rules, without downloads."""
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from lmssl.errors import LmsslError
 from lmssl.recipe import DataConfig
+
+DOCUMENT_MODES = ("rows", "blank_lines")
+# Lines grouped per map batch when documents are runs of lines: a document that straddles two
+# batches is cut in two there (about one document in 10,000 lines), never lost.
+LINES_PER_BATCH = 10_000
+# Streamed corpora are tokenized in this many rows at a time into an on-disk Arrow table.
+STREAM_CHUNK = 10_000
 
 
 def _load(cfg: DataConfig, split: str):
@@ -33,16 +38,42 @@ def _load(cfg: DataConfig, split: str):
         raise LmsslError(f"could not load {cfg.path!r} split {split!r}: {err}") from None
 
 
+def _materialize(stream, column: str, limit: Optional[int], where: str):
+    """A streamed split as an on-disk (memory-mapped) Dataset of its text column: the corpus is
+    read chunk by chunk and never held in memory; `limit` rows at most."""
+    import datasets
+
+    def rows():
+        for i, row in enumerate(stream):
+            if limit is not None and i >= limit:
+                return
+            if column not in row:
+                raise LmsslError(f"{where}.data.column: the streamed data has no column {column!r}; columns: {', '.join(row)}")
+            yield {column: row[column]}
+
+    features = datasets.Features({column: datasets.Value("string")})
+    try:
+        return datasets.Dataset.from_generator(rows, features=features, writer_batch_size=STREAM_CHUNK)
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, LmsslError):
+            raise err.__cause__ from None
+        raise
+
+
 def load_splits(cfg: DataConfig, seed: int, where: str):
     """(train, eval) datasets for a DataConfig; eval is held out of train when no eval_split is named."""
     data = _load(cfg, cfg.split)
-    if cfg.column not in data.column_names:
+    columns = data.column_names
+    if columns is not None and cfg.column not in columns:
         raise LmsslError(f"{where}.data.column: the data has no column {cfg.column!r}; "
-                         f"columns: {', '.join(data.column_names)}")
+                         f"columns: {', '.join(columns)}")
     eval_data: Optional[object] = None
     if cfg.eval_split:
         eval_data = _load(cfg, cfg.eval_split)
-    if cfg.max_samples is not None:
+    if cfg.streaming:
+        data = _materialize(data, cfg.column, cfg.max_samples, where)
+        eval_data = _materialize(eval_data, cfg.column, None, where) if eval_data is not None else None
+    elif cfg.max_samples is not None:
         data = data.select(range(min(cfg.max_samples, len(data))))
     if eval_data is None and cfg.eval_fraction > 0 and len(data) >= 20:
         parts = data.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
@@ -50,3 +81,67 @@ def load_splits(cfg: DataConfig, seed: int, where: str):
     if len(data) == 0:
         raise LmsslError(f"{where}.data: the training split is empty")
     return data, eval_data
+
+
+# --------------------------------------------------------------------------- documents and sentences
+
+def group_lines(lines: list[Optional[str]]) -> list[str]:
+    """Runs of non-blank lines joined with newlines: one document per run (blank = whitespace only)."""
+    documents, current = [], []
+    for line in lines:
+        if line is None or not line.strip():
+            if current:
+                documents.append("\n".join(current))
+                current = []
+        else:
+            current.append(line.strip())
+    if current:
+        documents.append("\n".join(current))
+    return documents
+
+
+def to_documents(dataset, column: str, mode: str):
+    """A Dataset with one `text` row per document. `rows`: each non-empty row is a document;
+    `blank_lines`: rows are lines and blank rows end a document (plain text files, WikiText)."""
+    if mode not in DOCUMENT_MODES:
+        raise LmsslError(f"documents: unknown mode {mode!r}; known: {', '.join(DOCUMENT_MODES)}")
+    if mode == "rows":
+        def keep(batch):
+            return {"text": [t.strip() for t in batch[column] if t and t.strip()]}
+
+        return dataset.map(keep, batched=True, remove_columns=dataset.column_names, desc="documents")
+
+    def group(batch):
+        return {"text": group_lines(batch[column])}
+
+    return dataset.map(group, batched=True, batch_size=LINES_PER_BATCH, remove_columns=dataset.column_names,
+                       desc="documents")
+
+
+# Abbreviations after which a period does not end a sentence (lowercased, without the period).
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e cf fig no vol al approx inc ltd co corp gen col lt sgt capt "
+    "rev jan feb mar apr jun jul aug sep sept oct nov dec u.s u.k".split()
+)
+_BOUNDARY = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])|\n+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text` by punctuation rules (no model, no download): a break after . ! ?
+    (and closing quotes) before a capital or digit, and at newlines; abbreviations and initials
+    ("Dr.", "J.") do not end a sentence."""
+    pieces, start = [], 0
+    for match in _BOUNDARY.finditer(text):
+        candidate = text[start:match.start()].strip()
+        last_word = candidate.rsplit(None, 1)[-1] if candidate else ""
+        stem = last_word.rstrip(".").lower()
+        if match.group().strip() == "" and match.group().count("\n") == 0 and last_word.endswith(".") and (
+                stem in ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())):
+            continue
+        if candidate:
+            pieces.append(candidate)
+        start = match.end()
+    tail = text[start:].strip()
+    if tail:
+        pieces.append(tail)
+    return pieces

@@ -1,4 +1,5 @@
-"""Masked language modeling (Devlin et al. 2019, "BERT"; Liu et al. 2019, "RoBERTa").
+"""Masked language modeling (Devlin et al. 2019, "BERT", arXiv:1810.04805; Liu et al. 2019,
+"RoBERTa", arXiv:1907.11692), with optional whole-word masking (BERT's 2019 release).
 
 Dynamic masking: masks are drawn when a batch is collated, so every epoch sees fresh ones; the
 loop seeds that draw per batch, which keeps resumed runs exact. The vocabulary head runs only on
@@ -8,6 +9,7 @@ the masked positions (about 15% of tokens), not on the whole sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +28,26 @@ class Options:
     """Of the chosen tokens, this share becomes [MASK] (BERT's 80)..."""
     random_token_share: float = 0.1
     """...this share a random token (10); the rest stay as they are (10)."""
+    whole_word: bool = False
+    """Choose whole words, not tokens: every piece of a chosen word is predicted (BERT's WWM)."""
 
 
-def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, options: Options, mask_id: int, vocab_size: int):
+def choose_words(word_starts: torch.Tensor, maskable: torch.Tensor, rate: float) -> torch.Tensor:
+    """Token choice where each word is drawn with probability `rate` and all its tokens follow."""
+    word_id = word_starts.long().cumsum(dim=1)                              # (batch, seq): 1, 1, 2, 3, 3, ...
+    draws = torch.bernoulli(torch.full((word_id.shape[0], word_id.shape[1] + 1), rate)).bool()
+    return torch.gather(draws, 1, word_id) & maskable                       # (batch, seq)
+
+
+def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, options: Options, mask_id: int, vocab_size: int,
+                word_starts: Optional[torch.Tensor] = None):
     """(masked input ids, labels with -100 where nothing is predicted). `maskable` is False on
-    special and padding tokens, which are never chosen. At least one token per batch is chosen."""
-    probs = torch.where(maskable, options.mask_rate, 0.0)
-    chosen = torch.bernoulli(probs).bool()
+    special and padding tokens, which are never chosen. At least one token per batch is chosen.
+    With `word_starts` (1 where a word begins), whole words are chosen."""
+    if word_starts is not None:
+        chosen = choose_words(word_starts, maskable, options.mask_rate)
+    else:
+        chosen = torch.bernoulli(torch.where(maskable, options.mask_rate, 0.0)).bool()
     if not chosen.any() and maskable.any():
         candidates = maskable.nonzero()
         pick = candidates[torch.randint(len(candidates), (1,))][0]
@@ -68,6 +83,14 @@ class SparseHeadMLM(torch.nn.Module):
         return loss, correct, targets.numel()
 
 
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad integer lists to the longest into a (len(rows), longest) tensor."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
 class MaskedLM:
     name = "mlm"
     families = MASKED_FAMILIES
@@ -78,7 +101,7 @@ class MaskedLM:
         if tokenizer.mask_token_id is None:
             from lmssl.errors import LmsslError
 
-            raise LmsslError("the mlm objective needs a tokenizer with a mask token; this one has none")
+            raise LmsslError(f"the {self.name} objective needs a tokenizer with a mask token; this one has none")
         self.options, self.tokenizer, self.max_length = options, tokenizer, max_length
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
@@ -91,23 +114,26 @@ class MaskedLM:
 
     def prepare(self, dataset, column: str):
         tok = self.tokenizer
-        ids = tokenize_column(dataset, tok, column)
+        ids = tokenize_column(dataset, tok, column, with_word_starts=self.options.whole_word)
         cls = [tok.cls_token_id] if tok.cls_token_id is not None else [tok.bos_token_id]
         sep = [tok.sep_token_id] if tok.sep_token_id is not None else [tok.eos_token_id]
         return pack_blocks(ids, self.max_length - 2, separator=sep, prefix=cls, suffix=sep)
 
-    def collate(self, examples):
-        pad = self.tokenizer.pad_token_id
-        longest = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), longest), pad, dtype=torch.long)
-        attention = torch.zeros((len(examples), longest), dtype=torch.long)
-        for i, e in enumerate(examples):
-            input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            attention[i, :len(e["input_ids"])] = 1
+    def mask(self, examples) -> dict[str, torch.Tensor]:
+        """Pad `input_ids` (and `token_type_ids`) and draw this batch's masks."""
+        input_ids = pad_rows([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
+        attention = pad_rows([[1] * len(e["input_ids"]) for e in examples], 0)
         maskable = attention.bool() & ~torch.isin(input_ids, self.special_ids)
+        starts = pad_rows([e["word_starts"] for e in examples], 1) if self.options.whole_word else None
         inputs, labels = mask_tokens(input_ids, maskable, self.options, self.tokenizer.mask_token_id,
-                                     len(self.tokenizer))
-        return {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+                                     len(self.tokenizer), starts)
+        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = pad_rows([e["token_type_ids"] for e in examples], 0)
+        return batch
+
+    def collate(self, examples):
+        return self.mask(examples)
 
     def training_module(self, model):
         return SparseHeadMLM(model)
