@@ -53,6 +53,8 @@ class DataConfig:
     """Stream instead of downloading/reading everything first (corpora larger than memory or disk)."""
     encoding: Optional[str] = None
     """Text encoding of local files (latin-1 for some Gutenberg books); None means UTF-8."""
+    max_chars: int = 1_000_000
+    """Rows longer than this many characters are skipped and counted (a 10 MB line is broken data, not a document)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Further load_dataset keyword arguments, e.g. {delimiter: "\\t", quoting: 3} for TSV."""
 

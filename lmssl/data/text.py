@@ -31,6 +31,8 @@ def _load(cfg: DataConfig, split: str):
         files = {"train": files}
     if cfg.encoding:
         kwargs["encoding"] = cfg.encoding
+    if cfg.path in ("text", "json", "csv"):  # invalid bytes become U+FFFD; those rows are then skipped and counted
+        kwargs.setdefault("encoding_errors", "replace")
     try:
         return datasets.load_dataset(cfg.path, name=cfg.config, data_files=files, data_dir=cfg.data_dir,
                                      split=split, streaming=cfg.streaming, **kwargs)

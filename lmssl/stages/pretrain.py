@@ -56,6 +56,7 @@ class Config(TrainingConfig):
 def run(cfg: Config, ctx):
     from transformers import AutoTokenizer
 
+    from lmssl.data.cleaning import clean_texts
     from lmssl.data.text import load_splits, to_documents
     from lmssl.errors import LmsslError
     from lmssl.hub import save_model, write_model_card
@@ -73,6 +74,10 @@ def run(cfg: Config, ctx):
         objective.seed = ctx.seed  # sentence pairs are drawn once, from the recipe's seed
     with ctx.main_process_first():
         train_text, eval_text = load_splits(cfg.data, ctx.seed, where)
+        blank = cfg.documents == "blank_lines"
+        train_text, skipped = clean_texts(train_text, cfg.data.column, cfg.data.max_chars, f"{where}.data", blank)
+        if eval_text is not None:
+            eval_text, _ = clean_texts(eval_text, cfg.data.column, cfg.data.max_chars, f"{where}.data", blank)
         train_data = objective.prepare(to_documents(train_text, cfg.data.column, cfg.documents), "text")
         eval_data = None
         if eval_text is not None:
@@ -86,7 +91,7 @@ def run(cfg: Config, ctx):
                    ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name)
     save_model(ctx.accelerator, model, ctx.out_dir, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    metrics = dict(result.metrics, steps=result.steps, parameters=n_params,
+    metrics = dict(result.metrics, **skipped, steps=result.steps, parameters=n_params,
                    train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
     if ctx.is_main:
         family = model.config.model_type
@@ -101,5 +106,5 @@ def run(cfg: Config, ctx):
         )
     shown = ("eval/loss", "eval/mlm_loss", "eval/accuracy", "eval/perplexity", "eval/nsp_accuracy",
              "eval/sop_accuracy", "steps")
-    headline = {k: v for k, v in metrics.items() if k in shown}
+    headline = {k: v for k, v in metrics.items() if k in shown or k.startswith("data/skipped")}
     return StageResult(ctx.out_dir, metrics, headline=headline)
