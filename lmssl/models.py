@@ -34,6 +34,8 @@ class ModelConfig:
     """Size preset: tiny (2x64), mini (4x256), small (4x512), medium (8x512), base (12x768)."""
     init_from: Optional[str] = None
     """Warm start from a folder or hub id instead of random initialization."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside init_from (a security decision: off unless you trust that repository)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Any transformers config field, e.g. {hidden_dropout_prob: 0.0, num_hidden_layers: 6}."""
     dropout: Optional[float] = None

@@ -84,3 +84,39 @@ stages:
         if path.is_file() and path.suffix in {".json", ".md", ".jsonl", ".txt", ".yaml"}:
             assert secret not in path.read_text(errors="ignore"), path
     assert "<hidden>" in (tmp_path / "run" / "pre" / "README.md").read_text()
+
+
+def test_code_shipped_in_a_model_folder_never_runs_unless_the_recipe_trusts_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    folder = tmp_path / "model"
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    BertForMaskedLM(BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                               intermediate_size=8)).save_pretrained(folder)
+    marker = tmp_path / "code-ran"
+    (folder / "custom_config.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import BertConfig\n\nclass CustomConfig(BertConfig):\n    model_type = 'custom-bert'\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-bert", auto_map={"AutoConfig": "custom_config.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (tmp_path / "r.yaml").write_text(f"""\
+name: remote
+stages:
+  - {{name: ft, kind: finetune, model_from: {folder}, tasks: [pydocs-topic], max_train_samples: 16, epochs: 1}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "lmssl", "run", str(tmp_path / "r.yaml"), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trust_remote_code" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists(), "code from the model folder ran without trust_remote_code"

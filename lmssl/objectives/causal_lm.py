@@ -74,7 +74,7 @@ class CausalLM:
         from transformers import AutoModelForCausalLM
 
         if model_cfg.init_from:
-            return AutoModelForCausalLM.from_pretrained(model_cfg.init_from)
+            return AutoModelForCausalLM.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
         return AutoModelForCausalLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
 
     def prepare(self, dataset, column: str):

@@ -109,7 +109,7 @@ class MaskedLM:
         from transformers import AutoModelForMaskedLM
 
         if model_cfg.init_from:
-            return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from)
+            return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
         return AutoModelForMaskedLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
 
     def prepare(self, dataset, column: str):

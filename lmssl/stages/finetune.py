@@ -48,6 +48,8 @@ class Config(TrainingConfig):
     """10% warmup, as in BERT fine-tuning."""
     save_every: Optional[int] = None
     """Fine-tuning runs are short; checkpoint only when interrupted."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside model_from (a security decision: off unless you trust that repository)."""
 
     REFERENCES = {"model_from": ("pretrain", "finetune")}
 
@@ -72,17 +74,21 @@ def _settings(cfg: Config, task: Task) -> Config:
     return dataclasses.replace(cfg, **pick)
 
 
-def _load_model(source, task: Task, scratch: bool, tokenizer):
+def _load_model(source, task: Task, scratch: bool, tokenizer, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     names = task.label_names or ["score"]
     kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
                   label2id={n: i for i, n in enumerate(names)}, pad_token_id=tokenizer.pad_token_id,
-                  problem_type="regression" if task.label_names is None else "single_label_classification")
-    if scratch:
-        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(source), **kwargs))
-    # A head trained for another task may have another size: it is replaced, the encoder is kept.
-    return AutoModelForSequenceClassification.from_pretrained(str(source), ignore_mismatched_sizes=True, **kwargs)
+                  problem_type="regression" if task.label_names is None else "single_label_classification",
+                  trust_remote_code=trust_remote_code)
+    try:
+        if scratch:
+            return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(source), **kwargs))
+        # A head trained for another task may have another size: it is replaced, the encoder is kept.
+        return AutoModelForSequenceClassification.from_pretrained(str(source), ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise LmsslError(f"model_from: cannot load a model from {str(source)!r}: {' '.join(str(err).split())}") from None
 
 
 def _scores(task: Task, predictions: dict[str, list], references: dict[str, list]) -> dict[str, float]:
@@ -103,7 +109,7 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
     from lmssl.training import seed_all, train
 
     seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
-    model = _load_model(source, task, scratch, tokenizer)
+    model = _load_model(source, task, scratch, tokenizer, cfg.trust_remote_code)
     first = next(iter(task.evals))
     references = {split: task.evals[split]["label"] for split in task.evals}
     best: dict = {"value": None}
@@ -176,7 +182,7 @@ def run(cfg: Config, ctx):
     source = ctx.resolve(cfg.model_from)
     where = f"stages.{cfg.name}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise LmsslError(f"{where}.model_from: cannot load a tokenizer from {str(source)!r}: "
                          f"{str(err).splitlines()[0]}") from None

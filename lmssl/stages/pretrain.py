@@ -66,7 +66,8 @@ def run(cfg: Config, ctx):
     from lmssl.training import train
 
     where = f"stages.{cfg.name}"
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.resolve(cfg.tokenizer_from) or cfg.model.init_from))
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.resolve(cfg.tokenizer_from) or cfg.model.init_from),
+                                              trust_remote_code=cfg.model.trust_remote_code)
     objective_cls = OBJECTIVES[cfg.objective]
     objective = objective_cls(parse_dataclass(objective_cls.Options, cfg.objective_args, where), tokenizer,
                               cfg.max_length)
