@@ -36,8 +36,10 @@ def _load(cfg: DataConfig, split: str):
     try:
         return datasets.load_dataset(cfg.path, name=cfg.config, data_files=files, data_dir=cfg.data_dir,
                                      split=split, streaming=cfg.streaming, **kwargs)
-    except (FileNotFoundError, ValueError) as err:
-        raise LmsslError(f"could not load {cfg.path!r} split {split!r}: {err}") from None
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err  # generation errors wrap the parser's own error
+        raise LmsslError(f"could not load {cfg.path!r} split {split!r} from {cfg.files or cfg.data_dir or cfg.path}: "
+                         f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}") from None
 
 
 def _materialize(stream, column: str, limit: Optional[int], where: str):
