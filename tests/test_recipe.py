@@ -113,3 +113,10 @@ def test_duplicate_stage_names_are_rejected(tmp_path):
     text = GOOD.replace("name: pre\n", "name: tok\n").replace("model_from: pre", "model_from: tok")
     with pytest.raises(RecipeError, match="two stages are named 'tok'"):
         load_recipe(write(tmp_path, text))
+
+
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("name: t", "name: !!python/object/apply:os.system ['touch pwned']"))
+    with pytest.raises(RecipeError, match="YAML syntax error"):
+        load_recipe(path)
+    assert not (tmp_path / "pwned").exists()

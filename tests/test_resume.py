@@ -112,3 +112,22 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     step = int(re.search(r"interrupted at step (\d+)", err).group(1))
     assert step >= 7
     assert list(run_dir.glob(f".partial/pre-*/checkpoints/step-{step:08d}/manifest.json"))
+
+
+def test_a_second_ctrl_c_exits_at_once(reference, tmp_path):
+    recipe, _, tok = reference
+    run_dir = tmp_path / "run"
+    _with_reference_tokenizer(run_dir, tok)
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(recipe.read_text().replace("max_steps: 120", "max_steps: 100000"))
+    proc = subprocess.Popen(_cmd(slow, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                            cwd=tmp_path, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and _newest_step(run_dir) < 7 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "stopped at once" in err or "interrupted at step" in err
+    assert "Traceback" not in err

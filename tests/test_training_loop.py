@@ -161,3 +161,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert lr_lambda("linear", 0, 100, 0.0)(50) == pytest.approx(0.5)
     assert lr_lambda("constant", 5, 100, 0.0)(80) == 1.0
+
+
+def test_only_the_newest_k_checkpoints_are_kept(accelerator, tmp_path):
+    train(Regression(), make_model(), make_data(200), None, config(max_steps=45, save_every=10, keep_checkpoints=2),
+          accelerator, tmp_path / "o", tmp_path / "ckpt", seed=0, accumulation=1)
+    assert [c.name for c in checkpoint.checkpoints(tmp_path / "ckpt")] == ["step-00000040", "step-00000030"]
+    assert not list((tmp_path / "ckpt").glob(".tmp-*")), "no temporary folder is left behind"
