@@ -35,7 +35,7 @@ stages:
     scratch_baseline: true
     max_length: 64
     batch_size: 32
-    epochs: 1
+    epochs: 2
 """
 
 
@@ -82,6 +82,16 @@ def test_chain_records_metrics_summary_and_cards(chain):
     assert 0.0 <= outputs["ft"].metrics["pydocs-topic/pretrained/accuracy"] <= 1.0
 
 
+def test_finetuning_keeps_the_best_epoch_by_the_task_metric(chain):
+    root, _, _ = chain
+    results = json.loads((root / "run" / "ft" / "results.json").read_text())["results"]
+    for row in results:
+        log = root / "run" / "ft" / "runs" / f"pydocs-topic-{row['init']}-seed0" / "metrics.jsonl"
+        per_epoch = [json.loads(l)["eval/accuracy"] for l in log.read_text().splitlines() if "eval/accuracy" in l]
+        assert len(per_epoch) >= 2, "scored after every epoch"
+        assert row["scores"] == [max(per_epoch)]
+
+
 def test_second_run_skips_every_finished_stage(chain):
     root, recipe, _ = chain
     started = time.perf_counter()
@@ -94,7 +104,7 @@ def test_second_run_skips_every_finished_stage(chain):
 
 def test_changed_config_reruns_that_stage_and_its_dependents(chain, tmp_path):
     root, _, _ = chain
-    changed = load_recipe(root / "recipe.yaml", ["stages.ft.epochs=0.5"])
+    changed = load_recipe(root / "recipe.yaml", ["stages.ft.epochs=1"])
     run_recipe(changed, run_dir=root / "run")
     summary = (root / "run" / "summary.md").read_text()
     assert summary.count("skipped (up to date)") == 2
