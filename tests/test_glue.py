@@ -127,7 +127,8 @@ def test_shipped_glue_recipe_validates():
     from lmssl.recipe import load_recipe
 
     shared_file("glue/SST-2/train.tsv.xz")
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "glue.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "glue.yaml",
+                         [f"stages.glue.glue_dir={shared_file('glue')}"])
     assert recipe.stage("glue").tasks == ["glue"]
 
 

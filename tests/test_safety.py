@@ -19,7 +19,9 @@ from test_training_loop import Regression, config, make_data, make_model
 @pytest.fixture
 def accelerator():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test may have made a GPU one
     return Accelerator(cpu=True)
 
 

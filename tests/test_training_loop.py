@@ -62,7 +62,9 @@ def config(**kw):
 @pytest.fixture
 def accelerator():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test may have made a GPU one
     return Accelerator(cpu=True)
 
 
