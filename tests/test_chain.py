@@ -109,3 +109,15 @@ def test_changed_config_reruns_that_stage_and_its_dependents(chain, tmp_path):
     summary = (root / "run" / "summary.md").read_text()
     assert summary.count("skipped (up to date)") == 2
     assert "| ft | finetune | done |" in summary
+
+
+def test_force_reruns_one_stage_and_an_unknown_name_is_an_error(chain):
+    from lmssl.errors import RecipeError
+
+    root, recipe, _ = chain
+    run_recipe(recipe, run_dir=root / "run")  # up to date again, whatever the tests before did
+    run_recipe(recipe, run_dir=root / "run", force=("tok",))
+    summary = (root / "run" / "summary.md").read_text()
+    assert "| tok | tokenizer | done |" in summary and summary.count("skipped (up to date)") == 2
+    with pytest.raises(RecipeError, match="--force pretrain: no such stage; stages: tok, pre, ft"):
+        run_recipe(recipe, run_dir=root / "run", force=("pretrain",))
