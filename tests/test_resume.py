@@ -46,6 +46,13 @@ def _cmd(recipe: Path, run_dir: Path):
     return [sys.executable, "-m", "lmssl", "run", str(recipe), "--run-dir", str(run_dir)]
 
 
+def _wait_for_checkpoint(proc, run_dir: Path, step: int, seconds: float = 240) -> None:
+    """Wait until the run has written checkpoint `step` (or later), or has ended."""
+    deadline = time.time() + seconds
+    while proc.poll() is None and _newest_step(run_dir) < step and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def _newest_step(run_dir: Path) -> int:
     steps = [int(p.name.split("-")[1]) for p in run_dir.glob(".partial/pre-*/checkpoints/step-*")]
     return max(steps, default=0)
@@ -76,9 +83,7 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(reference, 
     for target in sorted(rng.sample(range(8, 110), 3)):
         proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=_env(), cwd=tmp_path, text=True)
-        deadline = time.time() + 240
-        while proc.poll() is None and _newest_step(run_dir) < target and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_for_checkpoint(proc, run_dir, target)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -100,9 +105,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     _with_reference_tokenizer(run_dir, tok)
     proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
                             cwd=tmp_path, text=True)
-    deadline = time.time() + 240
-    while proc.poll() is None and _newest_step(run_dir) < 7 and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_for_checkpoint(proc, run_dir, 7)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -122,9 +125,7 @@ def test_a_second_ctrl_c_exits_at_once(reference, tmp_path):
     slow.write_text(recipe.read_text().replace("max_steps: 120", "max_steps: 100000"))
     proc = subprocess.Popen(_cmd(slow, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
                             cwd=tmp_path, text=True)
-    deadline = time.time() + 240
-    while proc.poll() is None and _newest_step(run_dir) < 7 and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_for_checkpoint(proc, run_dir, 7)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

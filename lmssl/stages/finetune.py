@@ -105,7 +105,7 @@ def _scores(task: Task, predictions: dict[str, list], references: dict[str, list
 def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, source, tokenizer, scratch: bool,
                    seed: int, run_dir: Path) -> tuple[object, dict]:
     """Train one model; return it with its validation scores and its test-split predictions."""
-    from lmssl.evaluation import predict
+    from lmssl.evaluation import predict, task_score
     from lmssl.training import seed_all, train
 
     seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
@@ -119,7 +119,7 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
         preds = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
                  for split in task.evals}
         scores = _scores(task, preds, references)
-        value = statistics.fmean(scores.values())
+        value = task_score(scores)
         if best["value"] is None or value > best["value"]:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best.update(value=value, scores=scores, step=step, state=state)
@@ -175,6 +175,7 @@ def _grouped(rows: list[dict]) -> dict:
 def run(cfg: Config, ctx):
     from transformers import AutoTokenizer
 
+    from lmssl.evaluation import task_score
     from lmssl.hub import save_model, write_json, write_model_card
     from lmssl.objectives.classification import SequenceClassification
     from lmssl.runner import StageResult
@@ -214,7 +215,7 @@ def run(cfg: Config, ctx):
                     model, result = _finetune_once(settings, ctx, task, prepared, objective, source, tokenizer,
                                                    scratch, seed, run_dir)
                 runs.append(result)
-                score = statistics.fmean(result["scores"].values())  # the task's one number (GLUE convention)
+                score = task_score(result["scores"])
                 if best is None or score > best[0]:
                     best = (score, result)
                     if model is not None and not scratch:
