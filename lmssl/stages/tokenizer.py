@@ -4,11 +4,7 @@ in bounded memory, and save it as a folder AutoTokenizer loads, with a report ca
 from __future__ import annotations
 
 import difflib
-import gzip
 import json
-import lzma
-import os
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +12,7 @@ from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
+from lmssl.data.corpus import corpus, is_empty, local_files, looks_binary  # noqa: F401  (the stage's corpus API)
 from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import DataConfig, StageConfig
 
@@ -26,8 +23,6 @@ SPEC_KEYS = {"description", "model", "model_options", "trainer_options", "alphab
 SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 MODELS = ("bpe", "wordpiece", "unigram")
 BYTE_ALPHABET = 256  # byte-level and byte-fallback vocabularies always hold one symbol per byte
-HELDOUT_BYTES = 1_000_000  # held-out text for the report card: 1 MB gives stable rates in seconds
-BATCH = 10_000  # texts per batch handed to the trainer: large batches keep its threads busy
 
 
 @dataclass
@@ -46,6 +41,9 @@ class Config(StageConfig):
     """model_max_length written into the tokenizer config."""
     max_bytes: Optional[int] = None
     """Train on at most this many bytes of text (bounded memory on huge corpora); None reads all."""
+    engine: Literal["auto", "lmssl", "tokenizers"] = "auto"
+    """Who trains: lmssl's native trainers (word counts in C, then BPE/WordPiece/Unigram; several times faster),
+    the `tokenizers` library's trainers, or auto: lmssl's where they are built and the spec's pipeline allows."""
     sample: Literal["spread", "head"] = "spread"
     """With max_bytes: spread takes a seeded random sample of rows over the whole corpus, head the first rows (streaming always reads the head)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,11 +204,17 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
         tokenizer.decoder = _component(spec["decoder"], DECODERS, decoders)
 
     fed = _Counter(texts)
-    try:
-        tokenizer.train_from_iterator(fed, trainer=trainer)
-    except Exception as err:  # the Rust trainers raise plain Exceptions for impossible settings
-        raise LmsslError(f"stages.{cfg.name}: training the {cfg.spec!r} tokenizer failed: {err} (vocab_size "
-                         f"{cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
+    model = _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, model_options,
+                    common.get("vocab_size", cfg.vocab_size), common.get("initial_alphabet", []))
+    if model is not None:
+        tokenizer.model = model
+        tokenizer.add_special_tokens(tokens)
+    else:
+        try:
+            tokenizer.train_from_iterator(fed, trainer=trainer)
+        except Exception as err:  # the Rust trainers raise plain Exceptions for impossible settings
+            raise LmsslError(f"stages.{cfg.name}: training the {cfg.spec!r} tokenizer failed: {err} (vocab_size "
+                             f"{cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
     if fed.bytes == 0:
         raise LmsslError(f"stages.{cfg.name}.data: the corpus (path {cfg.data.path!r}, files {cfg.data.files!r}, "
                          f"column {cfg.data.column!r}) holds no text: every row is blank; point it at a text corpus")
@@ -234,6 +238,36 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=cfg.max_length,
                                    clean_up_tokenization_spaces=False, model_input_names=inputs,
                                    **{names[role]: token for role, token in specials.items()}), fed
+
+
+def _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, model_options, vocab_size, alphabet):
+    """Train with lmssl's native trainers when allowed and possible; None leaves it to the library.
+
+    The first batch is counted both ways first; if the fast count differs from the library's own
+    pipeline (it should not), the library trains instead and the stage says so."""
+    import itertools
+
+    from lmssl import tokenizer_training as native
+
+    if cfg.engine == "tokenizers":
+        return None
+    how = native.plan(spec, steps)
+    why = native.missing(spec) or (None if how else "its normalizer or pre-tokenizer cannot be counted chunk by chunk")
+    if why:
+        if cfg.engine == "lmssl":
+            raise RecipeError(f"stages.{cfg.name}.engine: lmssl cannot train spec {cfg.spec!r} itself: {why}; "
+                              "use engine: auto or tokenizers")
+        return None
+    raw = iter(fed.batches)
+    first = next(raw, [])
+    fed.batches = itertools.chain([first], raw)
+    if not native.agrees(tokenizer, how, first[:300]):
+        print(f"[lmssl] stages.{cfg.name}: the fast word count disagrees with the tokenizer's pipeline on this corpus; "
+              "training with the tokenizers library instead", file=sys.stderr)
+        return None
+    words, fed.texts, fed.bytes = native.count_words(tokenizer, how, fed.batches)
+    return native.train_model(spec, words, vocab_size, tokens, unk, cfg.min_frequency, trainer_options,
+                              model_options, list(alphabet))
 
 
 def _with_byte_tokens(tokenizer, specials: list[str], unk: Optional[str], model_options: dict):
@@ -266,119 +300,6 @@ class _Counter:
             self.bytes += sum(len(t.encode("utf-8")) for t in batch)
             self.texts += len(batch)
             yield batch
-
-
-# --------------------------------------------------------------------------- corpus
-
-def local_files(data: DataConfig) -> list[Path]:
-    """The local files a DataConfig names (for the binary sniff); hub ids and folders give none."""
-    import glob
-
-    files = data.files
-    patterns = [files] if isinstance(files, str) else list(files or []) if not isinstance(files, dict) else [
-        p for v in files.values() for p in ([v] if isinstance(v, str) else v)]
-    return [Path(p) for pattern in patterns if "://" not in pattern
-            for p in sorted(glob.glob(os.path.expanduser(pattern))) if Path(p).is_file()]
-
-
-def looks_binary(path: Path) -> bool:
-    """True when the first 8 KB (decompressed for .xz/.gz) hold a NUL byte, which text never does."""
-    if path.suffix in (".parquet", ".arrow"):
-        return False
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
-    try:
-        with opener(path, "rb") as handle:
-            return b"\x00" in handle.read(8192)
-    except (OSError, lzma.LZMAError, EOFError):
-        return True
-
-
-def is_empty(path: Path) -> bool:
-    """True for a file with no content (after decompression for .xz/.gz)."""
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
-    try:
-        with opener(path, "rb") as handle:
-            return not handle.read(1)
-    except (OSError, lzma.LZMAError, EOFError):
-        return False  # unreadable files are reported by looks_binary
-
-
-def _batches(rows: Iterator[Any], max_bytes: Optional[int]) -> Iterator[list[str]]:
-    """Texts that are not blank, in batches of BATCH, stopping once max_bytes have been handed out."""
-    batch: list[str] = []
-    seen = 0
-    for text in rows:
-        if not text or text.isspace():
-            continue
-        size = len(text.encode("utf-8"))
-        if max_bytes is not None and seen + size > max_bytes:
-            break
-        seen += size
-        batch.append(text)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _column(dataset, column: str) -> Iterator[str]:
-    for start in range(0, len(dataset), BATCH):
-        yield from dataset[start:start + BATCH][column]
-
-
-def _spread(dataset, max_bytes: int, seed: int):
-    """A seeded random subset of rows sized to about max_bytes, in corpus order."""
-    total = max(1, dataset.data.nbytes)
-    if total <= max_bytes:
-        return dataset
-    keep = min(len(dataset), int(len(dataset) * max_bytes / total * 1.1) + 1)  # 10% slack for offsets in nbytes
-    return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), keep)))
-
-
-def corpus(cfg: Config, seed: int, where: str) -> tuple[Iterator[list[str]], list[str]]:
-    """(training batches, held-out texts). Streaming corpora are read once, every 50th row held out."""
-    from datasets.exceptions import DatasetGenerationError
-
-    from lmssl.data.text import _load, load_splits
-
-    if cfg.data.streaming:
-        stream = _load(cfg.data, cfg.data.split)
-        heldout: list[str] = []
-        every = max(2, round(1 / cfg.data.eval_fraction)) if cfg.data.eval_fraction > 0 else 0
-
-        def rows() -> Iterator[str]:
-            held = 0
-            for index, row in enumerate(stream):
-                if cfg.data.column not in row:
-                    raise LmsslError(f"{where}.data.column: the data has no column {cfg.data.column!r}; "
-                                     f"columns: {', '.join(row)}")
-                text = row[cfg.data.column]
-                if every and index % every == every - 1 and held < HELDOUT_BYTES:
-                    if text:
-                        heldout.append(text)
-                        held += len(text)
-                    continue
-                yield text
-
-        return _batches(rows(), cfg.max_bytes), heldout
-    try:
-        train, evaluation = load_splits(cfg.data, seed, where)
-    except UnicodeDecodeError as err:
-        raise LmsslError(f"{where}.data: the corpus is not valid {cfg.data.encoding or 'UTF-8'} text ({err}); "
-                         "set data.encoding (e.g. latin-1) or check the files") from None
-    except DatasetGenerationError as err:
-        cause = err.__cause__ or err
-        raise LmsslError(f"{where}.data: could not read the corpus {cfg.data.files or cfg.data.path!r}: {cause} "
-                         f"(is a file empty, or not in the {cfg.data.path} format?)") from None
-    if cfg.max_bytes is not None and cfg.sample == "spread":
-        train = _spread(train, cfg.max_bytes, seed)
-    held, size = [], 0
-    for text in _column(evaluation, cfg.data.column) if evaluation is not None else []:
-        if text and size < HELDOUT_BYTES:
-            held.append(text)
-            size += len(text)
-    return _batches(_column(train, cfg.data.column), cfg.max_bytes), held
 
 
 def run(cfg: Config, ctx):
