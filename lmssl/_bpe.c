@@ -585,24 +585,20 @@ typedef struct {
     Py_ssize_t nwords;
 } Words;
 
-/* Add sign * count of every adjacent pair of word w; note w under pairs that gain it. */
-static int count_word_pairs(PairTable *t, Words *ws, int32_t w, int sign, int32_t only_with) {
+/* Add sign * count of word w's adjacent pairs: all of them (left < 0), or only those holding left, right or
+ * merged, the only ones a merge of left+right into merged can change. Pairs holding merged note w. */
+static int count_word_pairs(PairTable *t, Words *ws, int32_t w, int sign, int32_t left, int32_t right, int32_t merged) {
     int32_t *s = ws->symbols + ws->start[w];
     for (int32_t i = 0; i + 1 < ws->length[w]; i++) {
-        if (only_with >= 0 && s[i] != only_with && s[i + 1] != only_with) {
-            if (sign > 0) { /* unchanged pair: its count was only taken out and put back */
-                Pair *p = pairs_get(t, ((uint64_t)s[i] << 32) | (uint32_t)s[i + 1], 0);
-                if (p) p->count += ws->count[w];
-                continue;
-            }
-        }
-        Pair *p = pairs_get(t, ((uint64_t)s[i] << 32) | (uint32_t)s[i + 1], sign > 0);
+        int32_t x = s[i], y = s[i + 1];
+        if (left >= 0 && x != left && x != right && x != merged && y != left && y != right && y != merged) continue;
+        Pair *p = pairs_get(t, ((uint64_t)x << 32) | (uint32_t)y, sign > 0);
         if (!p) {
             if (sign > 0) return -1;
             continue;
         }
         p->count += sign * ws->count[w];
-        if (sign > 0 && pair_note_word(p, w) < 0) return -1;
+        if (sign > 0 && (left < 0 || x == merged || y == merged) && pair_note_word(p, w) < 0) return -1;
     }
     return 0;
 }
@@ -901,7 +897,7 @@ static PyObject *train_bpe(PyObject *module, PyObject *args, PyObject *kwargs) {
         int failed = 0;
         Py_BEGIN_ALLOW_THREADS
         for (int32_t w = 0; w < ws.nwords && !failed; w++)
-            if (count_word_pairs(&table, &ws, w, +1, -1) < 0) failed = 1;
+            if (count_word_pairs(&table, &ws, w, +1, -1, -1, -1) < 0) failed = 1;
         for (size_t i = 0; i < table.capacity && !failed; i++)
             if (table.slots[i].key && table.slots[i].count > 0 && heap_push(&heap, table.slots[i].count, table.slots[i].key) < 0)
                 failed = 1;
@@ -975,9 +971,9 @@ static PyObject *train_bpe(PyObject *module, PyObject *args, PyObject *kwargs) {
             int32_t w = list[k];
             if (ws.stamp[w] == merge_no || !word_has_pair(&ws, w, left, right)) continue;
             ws.stamp[w] = merge_no;
-            count_word_pairs(&table, &ws, w, -1, -1);
+            count_word_pairs(&table, &ws, w, -1, left, right, merged);
             merge_word(&ws, w, left, right, merged);
-            if (count_word_pairs(&table, &ws, w, +1, merged) < 0) failed = 1;
+            if (count_word_pairs(&table, &ws, w, +1, left, right, merged) < 0) failed = 1;
             int32_t *s = ws.symbols + ws.start[w];
             for (int32_t i = 0; i + 1 < ws.length[w] && !failed; i++) {
                 if (s[i] != merged && s[i + 1] != merged) continue;
