@@ -59,12 +59,18 @@ def peak_rss() -> int:
 # --------------------------------------------------------------------------- workers (one per subprocess)
 
 def train_lmssl(job: dict) -> dict:
-    import datasets  # noqa: F401  (imported before the baseline, like the trainer's own imports)
-    import tokenizers  # noqa: F401
-    import transformers  # noqa: F401
+    # Libraries are imported before the clock starts, as `import sentencepiece` is for the baseline
+    # (PreTrainedTokenizerFast pulls in torch: over a second that no trainer spends training).
+    import datasets  # noqa: F401
+    import tokenizers.models  # noqa: F401
+    import tokenizers.trainers  # noqa: F401
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
 
+    from lmssl import tokenizer_training
     from lmssl.recipe import DataConfig
     from lmssl.stages import tokenizer as stage
+
+    tokenizer_training.native_trainers()  # imports the compiled modules
 
     base = rss_now()
     cfg = stage.Config(name="tok", kind="tokenizer", spec=job["spec"], vocab_size=job["vocab"],
@@ -109,10 +115,10 @@ def encode(job: dict) -> dict:
 
         processor = spm.SentencePieceProcessor(model_file=str(Path(job["out"]) / "spm.model"))
         run = lambda: processor.encode(lines, num_threads=job["threads"])  # noqa: E731
-    run()  # warm up
+    tokens = sum(len(ids) for ids in run())  # warm up, and count tokens for the compression figure
     start = time.perf_counter()
     run()
-    return {"mb_per_s": size / 1e6 / (time.perf_counter() - start)}
+    return {"mb_per_s": size / 1e6 / (time.perf_counter() - start), "bytes_per_token": size / max(1, tokens)}
 
 
 WORKERS = {"lmssl": train_lmssl, "tokenizers": train_lmssl, "sentencepiece": train_sentencepiece, "encode": encode}
@@ -172,7 +178,9 @@ def bench(data: Path, vocab: int, threads: int, repeats: int) -> str:
                    "threads": threads, "out": str(out), "engine": "tokenizers" if trainer == "tokenizers" else "lmssl"}
             runs = [subprocess_job(dict(job, kind=trainer), threads) for _ in range(repeats)]
             result = min(runs, key=lambda r: r["seconds"])
-            speeds = [subprocess_job(dict(job, kind="encode", text=sample, threads=n), n)["mb_per_s"] for n in (1, 2)]
+            encoded = [subprocess_job(dict(job, kind="encode", text=sample, threads=n), n) for n in (1, 2)]
+            result["bytes_per_token"] = encoded[0]["bytes_per_token"]
+            speeds = [e["mb_per_s"] for e in encoded]
             rows.append((label, trainer, spec, result, speeds))
             print(f"{label} / {trainer}: {result} {speeds}", file=sys.stderr, flush=True)
 
@@ -200,15 +208,16 @@ def table(rows, bounded, corpus_bytes: int, vocab: int, threads: int) -> str:
              f"vocab_size {vocab}, {threads} training threads. Train time is the whole job from the files to a "
              "trained tokenizer (reading included; lmssl reads local text files in one pass, sentencepiece reads "
              "them itself), the fastest of the repeats. Peak RSS is the trainer's whole process (after-import "
-             "baseline in brackets). Encoding: ids of ~4 MB of the corpus as Python lists.", "",
+             "baseline in brackets). Encoding: ids of ~4 MB of the corpus as Python lists; bytes per token on "
+             "that text says how much the vocabulary compresses it (higher is better).", "",
              "| model | trainer | spec / type | train time | speed vs sentencepiece | peak RSS (baseline) "
-             "| encode MB/s, 1 thread | 2 threads |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| bytes/token | encode MB/s, 1 thread | 2 threads |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, trainer, spec, result, (one, two) in rows:
         ratio = f"{baseline[label] / result['seconds']:.2f}x" if label in baseline else "n/a"
         name = {"lmssl": "lmssl (native)", "tokenizers": "lmssl, engine: tokenizers"}.get(trainer, trainer)
         lines.append(f"| {label} | {name} | {spec} | {result['seconds']:.2f} s | {ratio} | {mb(result['peak'])} "
-                     f"({mb(result['base'])}) | {one:.2f} | {two:.2f} |")
+                     f"({mb(result['base'])}) | {result['bytes_per_token']:.2f} | {one:.2f} | {two:.2f} |")
     lines += ["", "Bounded memory (llama-bpe, lmssl; the corpus is 4x the bound):", "",
               "| run | bytes fed to the trainer | train time | peak RSS | over baseline |", "|---|---:|---:|---:|---:|"]
     for name, result in bounded:

@@ -186,3 +186,23 @@ def test_stage_reads_local_text_without_an_arrow_cache(tmp_path, monkeypatch):
     tokenizer, fed = stage.build(stage.load_spec(cfg.spec), cfg, batches)
     assert len(tokenizer) == 1000 and fed.bytes > 1_000_000 and len(heldout) > 50
     assert "lmssl._bpe" in sys.modules
+
+
+def test_native_unigram_compresses_held_out_text_at_least_as_well_as_the_library(texts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmssl.tokenizer_report import report_card
+
+    pytest.importorskip("lmssl._unigram")
+    held = read_texts([str(shared_file("gutenberg_nltk/carroll-alice.txt.xz"))], encoding="latin-1", max_bytes=60_000)
+    cards = {}
+    for engine in ("tokenizers", "lmssl"):
+        cfg = stage.Config(name="tok", kind="tokenizer", spec="unigram", vocab_size=2000, engine=engine)
+        tokenizer, _ = stage.build(stage.load_spec("unigram"), cfg, iter([texts]))
+        tokenizer.save_pretrained(tmp_path / engine)
+        loaded = AutoTokenizer.from_pretrained(tmp_path / engine)
+        assert len(loaded) == 2000 and loaded.unk_token == "<unk>" and loaded.convert_ids_to_tokens(1) == "<unk>"
+        cards[engine] = report_card(loaded, held)
+    assert cards["lmssl"]["unk_rate"] == 0.0 and cards["lmssl"]["roundtrip_exact"] >= cards["tokenizers"]["roundtrip_exact"]
+    assert cards["lmssl"]["bytes_per_token"] >= 0.97 * cards["tokenizers"]["bytes_per_token"]
+    assert cards["lmssl"]["fertility"] <= 1.03 * cards["tokenizers"]["fertility"]
