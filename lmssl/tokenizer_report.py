@@ -62,7 +62,7 @@ def format_card(card: dict[str, Any], reference: Optional[dict[str, Any]] = None
     """Markdown: one column per tokenizer, then each one's longest tokens."""
     cards = [card] + ([reference] if reference else [])
     head = "| | " + " | ".join(c.get("name") or "tokenizer" for c in cards) + " |"
-    lines = [f"### Tokenizer report card", "", head, "|---" * (len(cards) + 1) + "|"]
+    lines = ["### Tokenizer report card", "", head, "|---" * (len(cards) + 1) + "|"]
     for key, label, fmt in ROWS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(c[key]) for c in cards) + " |")
     lines.append("")

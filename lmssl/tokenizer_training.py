@@ -4,10 +4,11 @@ the counts (lmssl/_bpe.c, lmssl/_unigram.c).
 The `tokenizers` library's trainers normalize and pre-tokenize every occurrence of every word
 (with alignment tracking), so most of their time goes into text they have seen before. Here a
 text is cut before each space that follows a non-space; for the normalizers and pre-tokenizers
-allowed below, a text's pre-tokens are exactly the union of its chunks' pre-tokens, so:
-  * ASCII chunks are pre-tokenized in C while they are counted (Metaspace, GPT-2's byte-level
-    pattern, BERT's whitespace-and-punctuation split);
-  * every other distinct chunk goes once through the tokenizer's own normalizer and pre-tokenizer.
+allowed below, a text's pre-tokens are exactly the union of its chunks' pre-tokens, so each
+distinct chunk is split into words once, weighted by its count:
+  * distinct ASCII chunks in C (Metaspace, GPT-2's byte-level pattern, BERT's whitespace and
+    punctuation split; ASCII is unchanged by the allowed normalizers except for lowercasing);
+  * every other distinct chunk through the tokenizer's own normalizer and pre-tokenizer.
 The first texts are also counted the library's way and compared, so a difference falls back to
 the library's trainers instead of training on wrong counts. The learned model is a plain
 `tokenizers` model (models.BPE, models.WordPiece, models.Unigram) in the spec's pipeline.
@@ -56,8 +57,7 @@ def plan(spec: dict, normalizer_steps: list[dict]) -> Optional[dict[str, Any]]:
     if any(s["type"] == "metaspace" and s.get("prepend_scheme", "always") == "first" for s in pre[1:]):
         return None  # "first" depends on where a piece sits in the whole text
     lowercase = "lowercase" in kinds or any(s.get("lowercase") for s in normalizer_steps if s["type"] == "bert")
-    step = pre[0] if len(pre) == 1 else {"type": "chunks"}
-    generic = {"mode": "chunks"}
+    step = pre[0] if len(pre) == 1 else {"type": "chunks"}  # sequences: every chunk through the library
     if step["type"] == "metaspace" and set(kinds) <= ASCII_SAFE:
         scheme = step.get("prepend_scheme", "always")
         return {"mode": "metaspace", "replacement": step.get("replacement", "\u2581"), "split": step.get("split", True),
@@ -67,7 +67,7 @@ def plan(spec: dict, normalizer_steps: list[dict]) -> Optional[dict[str, Any]]:
     if step["type"] == "bert" and set(kinds) <= ASCII_SAFE | {"bert"}:
         bert = [s for s in normalizer_steps if s["type"] == "bert"]
         return {"mode": "bert", "lowercase": lowercase, "clean_text": any(s.get("clean_text", True) for s in bert)}
-    return generic
+    return {"mode": "chunks"}
 
 
 def _pipeline(tokenizer):
@@ -105,6 +105,12 @@ def count_words(tokenizer, how: dict[str, Any], batches: Iterator[list[str]]) ->
     return words, counter.texts, counter.bytes
 
 
+def _cpus() -> int:
+    """CPU cores this process may use (the Unigram E-step runs on up to 16 threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores))
+
+
 def train_model(spec: dict, words: dict[str, int], vocab_size: int, specials: list[str], unk: Optional[str],
                 min_frequency: int, trainer_options: dict, model_options: dict, initial_alphabet: list[str]):
     """A trained tokenizers model (BPE, WordPiece or Unigram) from word counts."""
@@ -115,8 +121,9 @@ def train_model(spec: dict, words: dict[str, int], vocab_size: int, specials: li
         options = {k: trainer_options[k] for k in ("max_piece_length", "shrinking_factor", "n_sub_iterations",
                                                    "seed_size") if k in trainer_options}
         pieces = modules["unigram"].train(words, max(1, vocab_size - len(specials)),
-                                          threads=min(2, os.cpu_count() or 1), **options)
-        vocab = [(token, 0.0) for token in specials] + [(p, s) for p, s in pieces if p not in set(specials)]
+                                          threads=_cpus(), **options)
+        reserved = set(specials)
+        vocab = [(token, 0.0) for token in specials] + [(p, score) for p, score in pieces if p not in reserved]
         return models.Unigram(vocab, unk_id=specials.index(unk) if unk in specials else None, byte_fallback=False)
     prefix = trainer_options.get("continuing_subword_prefix")
     vocab, merges = modules["bpe"].train_bpe(

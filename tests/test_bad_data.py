@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from lmssl.recipe import load_recipe
 from lmssl.runner import run_recipe

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import shared_file
 
-from lmssl.data.pairs import IS_NEXT, NOT_NEXT, SWAPPED, build_pair_dataset, nsp_pairs, sop_pairs, tokenize_sentences
+from lmssl.data.pairs import IS_NEXT, SWAPPED, build_pair_dataset, nsp_pairs, sop_pairs, tokenize_sentences
 from lmssl.data.text import group_lines, split_sentences, to_documents
 from lmssl.errors import LmsslError
 from lmssl.objectives import OBJECTIVES
 from lmssl.objectives.causal_lm import document_positions
-from lmssl.objectives.mlm import Options, mask_tokens
+from lmssl.objectives.mlm import Options
 
 TRAIN_LINES = 6000   # about 600 KB of WikiText-2: enough for a 2,000-token vocabulary
 

@@ -7,7 +7,6 @@ import math
 from collections import Counter
 
 import pytest
-import torch
 from conftest import shared_file
 from test_objectives import bytebpe, train_tokenizer, wikitext_lines, wordpiece  # noqa: F401  (fixtures)
 

@@ -4,7 +4,6 @@ says so; secrets in a recipe never reach the run folder; checkpoint state loads 
 from __future__ import annotations
 
 import errno
-from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_file
 
 from lmssl.__main__ import main
-from lmssl.errors import LmsslError, RecipeError
+from lmssl.errors import RecipeError
 from lmssl.recipe import DataConfig, parse_dataclass
 from lmssl.stages import tokenizer as stage
 from lmssl.tokenizer_report import read_texts, report_card
@@ -208,7 +208,7 @@ def test_unigram_vocab_below_corpus_alphabet_exits_2_at_run_time(tmp_path, capsy
     wiki = str(shared_file("wikitext-2/valid.txt.xz"))
     code, err = _run(tmp_path, capsys, spec="unigram", vocab_size=60, max_bytes=50_000,
                      data={"path": "text", "files": wiki})
-    assert code == 2 and "stages.tok" in err and "not large enough to contain all chars" in err
+    assert code == 2 and "stages.tok.vocab_size" in err and "distinct characters" in err
 
 
 def test_binary_file_exits_2_before_training(tmp_path, capsys):

@@ -266,8 +266,11 @@ def _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, mode
               "training with the tokenizers library instead", file=sys.stderr)
         return None
     words, fed.texts, fed.bytes = native.count_words(tokenizer, how, fed.batches)
-    return native.train_model(spec, words, vocab_size, tokens, unk, cfg.min_frequency, trainer_options,
-                              model_options, list(alphabet))
+    try:
+        return native.train_model(spec, words, vocab_size, tokens, unk, cfg.min_frequency, trainer_options,
+                                  model_options, list(alphabet))
+    except ValueError as err:  # e.g. a vocabulary smaller than the corpus alphabet
+        raise LmsslError(f"stages.{cfg.name}.vocab_size: training the {cfg.spec!r} tokenizer failed: {err}") from None
 
 
 def _with_byte_tokens(tokenizer, specials: list[str], unk: Optional[str], model_options: dict):
