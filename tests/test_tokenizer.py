@@ -234,3 +234,15 @@ def test_missing_file_is_rejected_by_validate(tmp_path, capsys):
 def test_report_command_on_a_folder_without_tokenizer_exits_2(tmp_path, capsys):
     assert main(["report", "tokenizer", str(tmp_path), "--data", str(shared_file("wikitext-2/valid.txt.xz"))]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_without_native_trainers_auto_uses_the_library_and_lmssl_engine_says_why(corpus_texts, monkeypatch):
+    from lmssl import tokenizer_training
+
+    monkeypatch.setattr(tokenizer_training, "native_trainers", lambda: {})  # as on a machine without a C compiler
+    cfg = stage.Config(name="tok", kind="tokenizer", spec="llama-bpe", vocab_size=900)
+    tokenizer, fed = stage.build(stage.load_spec(cfg.spec), cfg, iter([corpus_texts]))
+    assert len(tokenizer) == 900 and fed.texts == len(corpus_texts)
+    cfg.engine = "lmssl"
+    with pytest.raises(RecipeError, match=r"stages\.tok\.engine: .*lmssl\._bpe is not built"):
+        stage.build(stage.load_spec(cfg.spec), cfg, iter([corpus_texts]))
