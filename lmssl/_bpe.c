@@ -48,7 +48,6 @@ typedef struct {
     size_t buffer_cap;
     int64_t texts, bytes;
     int64_t weight; /* count of the chunk being split into words */
-    int finished;   /* chunks have been split into words; no more updates */
 } ChunkCounter;
 
 static uint64_t hash_bytes(const char *s, size_t n) {
@@ -304,24 +303,17 @@ static int count_text(ChunkCounter *self, const char *s, size_t n) {
     return n ? table_add(&self->chunks, s + start, n - start, 1) : 0;
 }
 
-/* Move every chunk this module can split into the words table (once, after the last update). */
-static int counter_finish(ChunkCounter *self) {
-    if (self->finished) return 0;
-    self->finished = 1;
-    Table rest = {0};
+/* Split every pending chunk this module can split into the words table; the others go to *rest. */
+static int counter_drain(ChunkCounter *self, Table *rest) {
     for (size_t i = 0; i < self->chunks.capacity; i++) {
         Slot *slot = &self->chunks.slots[i];
         if (!slot->hash) continue;
         const char *text = self->chunks.arena + slot->offset;
         int err = split_chunk(self, text, slot->length, slot->count);
-        if (err == 1) err = table_add(&rest, text, slot->length, slot->count);
-        if (err) {
-            table_free(&rest);
-            return err;
-        }
+        if (err == 1) err = table_add(rest, text, slot->length, slot->count);
+        if (err) return err;
     }
     table_free(&self->chunks);
-    self->chunks = rest;
     return 0;
 }
 
@@ -372,11 +364,6 @@ static PyObject *counter_update(ChunkCounter *self, PyObject *texts) {
             Py_DECREF(seq);
             return NULL;
         }
-        if (self->finished) {
-            Py_DECREF(seq);
-            PyErr_SetString(PyExc_RuntimeError, "ChunkCounter.update after words() or chunks()");
-            return NULL;
-        }
         int err = count_text(self, utf8, (size_t)size);
         if (err) {
             Py_DECREF(seq);
@@ -411,14 +398,29 @@ static PyObject *table_items(Table *t) {
     return result;
 }
 
-static PyObject *counter_table(ChunkCounter *self, Table *table) {
-    int err = counter_finish(self);
-    if (err) return err == -2 ? PyErr_Format(PyExc_MemoryError, "ChunkCounter: more than 4 GB of words") : PyErr_NoMemory();
-    return table_items(table);
+static PyObject *counter_drain_py(ChunkCounter *self, PyObject *unused) {
+    Table rest = {0};
+    int err = counter_drain(self, &rest);
+    if (err) {
+        table_free(&rest);
+        return err == -2 ? PyErr_Format(PyExc_MemoryError, "ChunkCounter: more than 4 GB of words") : PyErr_NoMemory();
+    }
+    PyObject *result = table_items(&rest);
+    table_free(&rest);
+    return result;
 }
 
-static PyObject *counter_words(ChunkCounter *self, PyObject *unused) { return counter_table(self, &self->words); }
-static PyObject *counter_chunks(ChunkCounter *self, PyObject *unused) { return counter_table(self, &self->chunks); }
+static PyObject *counter_words(ChunkCounter *self, PyObject *unused) {
+    if (self->chunks.used) {
+        PyErr_SetString(PyExc_RuntimeError, "ChunkCounter.words(): chunks are pending; call drain() first");
+        return NULL;
+    }
+    return table_items(&self->words);
+}
+
+static PyObject *counter_get_pending(ChunkCounter *self, void *closure) {
+    return PyLong_FromSize_t(self->chunks.arena_used);
+}
 static PyObject *counter_get_texts(ChunkCounter *self, void *closure) { return PyLong_FromLongLong(self->texts); }
 static PyObject *counter_get_bytes(ChunkCounter *self, void *closure) { return PyLong_FromLongLong(self->bytes); }
 
@@ -431,14 +433,17 @@ static void counter_dealloc(ChunkCounter *self) {
 
 static PyMethodDef counter_methods[] = {
     {"update", (PyCFunction)counter_update, METH_O, "Count the chunks of a list of texts."},
-    {"words", (PyCFunction)counter_words, METH_NOARGS, "{pre-token: count} from the chunks split here (ends counting)."},
-    {"chunks", (PyCFunction)counter_chunks, METH_NOARGS, "{chunk: count} for the chunks left to the caller (ends counting)."},
+    {"drain", (PyCFunction)counter_drain_py, METH_NOARGS,
+     "Split the pending chunks this module can split into words; return the others as {chunk: count}\n"
+     "(for the caller to split) and start over with no pending chunks. Counting may go on."},
+    {"words", (PyCFunction)counter_words, METH_NOARGS, "{pre-token: count} of the drained chunks."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef counter_getset[] = {
     {"texts", (getter)counter_get_texts, NULL, "texts counted so far", NULL},
     {"bytes", (getter)counter_get_bytes, NULL, "UTF-8 bytes counted so far", NULL},
+    {"pending", (getter)counter_get_pending, NULL, "bytes held by distinct chunks not drained yet", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -448,9 +453,9 @@ static PyTypeObject ChunkCounterType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "ChunkCounter(mode='chunks', *, replacement='\u2581', prepend=0, split=True, lowercase=False,\n"
               "             add_prefix_space=False, clean_text=False, any_text=False)\n\n"
-              "Counts the distinct space-separated chunks of many texts. In the metaspace, byte_level and bert\n"
-              "modes it pre-tokenizes ASCII chunks itself (all chunks for metaspace with any_text) and counts\n"
-              "the pre-tokens; the other chunks are counted as they are, for the caller to pre-tokenize.",
+              "Counts the distinct space-separated chunks of many texts. drain() splits the pending ASCII chunks\n"
+              "(all of them for metaspace with any_text) into pre-tokens in the metaspace, byte_level and bert\n"
+              "modes and returns the other chunks, for the caller to pre-tokenize; words() then gives the counts.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)counter_init,
     .tp_dealloc = (destructor)counter_dealloc,

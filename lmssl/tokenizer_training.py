@@ -24,6 +24,8 @@ from typing import Any, Iterator, Optional
 LOCAL_NORMALIZERS = {"nfc", "nfkc", "nfd", "nfkd", "lowercase", "strip_accents", "bert"}
 # of those, the ones that leave ASCII text unchanged except for lowercasing
 ASCII_SAFE = {"nfc", "nfkc", "nfd", "nfkd", "strip_accents", "lowercase"}
+# distinct chunks the C side may hold before they are split (bounds memory on text without spaces, e.g. CJK)
+PENDING_BYTES = 64 << 20
 # pre-tokenizers whose pieces never cross a space that follows a non-space
 LOCAL_PRE_TOKENIZERS = {"metaspace", "byte_level", "bert", "whitespace", "whitespace_split", "digits", "punctuation"}
 
@@ -76,6 +78,13 @@ def _pipeline(tokenizer):
     return lambda text: [word for word, _ in split(normalize(text))]
 
 
+def _drain(counter, words: dict[str, int], words_of) -> None:
+    """Split the counter's pending chunks: ASCII ones in C, the rest through the library's pipeline."""
+    for chunk, count in counter.drain().items():
+        for word in words_of(chunk):
+            words[word] = words.get(word, 0) + count
+
+
 def agrees(tokenizer, how: dict[str, Any], sample: list[str]) -> bool:
     """True when the fast count of these texts equals the library's own normalize + pre-tokenize."""
     from lmssl._bpe import ChunkCounter
@@ -83,25 +92,28 @@ def agrees(tokenizer, how: dict[str, Any], sample: list[str]) -> bool:
     words_of = _pipeline(tokenizer)
     probe = ChunkCounter(**how)
     probe.update(sample)
+    rest: dict[str, int] = {}
+    _drain(probe, rest, words_of)
     fast = collections.Counter(probe.words())
-    for chunk, count in probe.chunks().items():
-        for word in words_of(chunk):
-            fast[word] += count
+    fast.update(rest)
     return fast == collections.Counter(word for text in sample for word in words_of(text))
 
 
-def count_words(tokenizer, how: dict[str, Any], batches: Iterator[list[str]]) -> tuple[dict[str, int], int, int]:
+def count_words(tokenizer, how: dict[str, Any], batches: Iterator[list[str]],
+                pending_bytes: int = PENDING_BYTES) -> tuple[dict[str, int], int, int]:
     """({word: count} over the whole corpus, words as the tokenizer's pipeline cuts them; texts; UTF-8 bytes)."""
     from lmssl._bpe import ChunkCounter
 
-    counter = ChunkCounter(**how)
+    words_of = _pipeline(tokenizer)
+    counter, rest = ChunkCounter(**how), {}
     for batch in batches:
         counter.update(batch)
+        if counter.pending > pending_bytes:
+            _drain(counter, rest, words_of)
+    _drain(counter, rest, words_of)
     words = counter.words()
-    words_of = _pipeline(tokenizer)
-    for chunk, count in counter.chunks().items():
-        for word in words_of(chunk):
-            words[word] = words.get(word, 0) + count
+    for word, count in rest.items():
+        words[word] = words.get(word, 0) + count
     return words, counter.texts, counter.bytes
 
 

@@ -65,14 +65,29 @@ def test_word_counts_equal_the_librarys_pipeline_for_every_spec(spec_name, texts
 def test_chunk_counter_cuts_before_a_space_that_follows_a_non_space():
     counter = bpe.ChunkCounter()  # mode "chunks": everything is left to the caller
     counter.update(["a  b c", "  x", "y   "])
-    assert counter.chunks() == {"a": 1, "  b": 1, " c": 1, "  x": 1, "y": 1, "   ": 1}
-    assert counter.words() == {}
-    with pytest.raises(RuntimeError, match="after words"):
-        counter.update(["more"])
+    assert counter.pending == len("a  b c  xy   ")
+    with pytest.raises(RuntimeError, match="call drain"):
+        counter.words()
+    assert counter.drain() == {"a": 1, "  b": 1, " c": 1, "  x": 1, "y": 1, "   ": 1}
+    assert counter.words() == {} and counter.pending == 0
+    counter.update(["a b"])  # counting goes on after a drain
+    assert counter.drain() == {"a": 1, " b": 1} and counter.texts == 4
     with pytest.raises(TypeError, match="item 1 is int"):
         bpe.ChunkCounter().update(["ok", 3])
     with pytest.raises(ValueError, match="unknown mode"):
         bpe.ChunkCounter("sentencepiece")
+
+
+def test_text_without_spaces_is_drained_in_bounded_pieces_with_the_same_counts():
+    spec, steps, tokenizer = _pipeline_tokenizer("bert-wordpiece")  # splits every CJK character
+    lines = ["日本語のテキストと中文文本" * (1 + i % 5) + f"第{i}行" for i in range(3000)]
+    how = native.plan(spec, steps)
+    once = native.count_words(tokenizer, how, iter([lines[:1500], lines[1500:]]))
+    drained = native.count_words(tokenizer, how, iter([lines[i:i + 100] for i in range(0, 3000, 100)]),
+                                 pending_bytes=10_000)
+    assert once == drained
+    words_of = native._pipeline(tokenizer)
+    assert once[0] == dict(collections.Counter(word for text in lines for word in words_of(text)))
 
 
 def _library_and_native(spec_name: str, texts: list[str], tmp_path, vocab_size: int = 1500):
