@@ -69,6 +69,11 @@ def format_card(card: dict[str, Any], reference: Optional[dict[str, Any]] = None
     for c in cards:
         shown = ", ".join(f"`{t.strip()}`" for t in c["longest_tokens"])
         lines.append(f"Longest tokens of {c.get('name') or 'tokenizer'}: {shown}")
+    trained = card.get("trained_on")
+    if trained:
+        who = {"lmssl": "lmssl's native trainer", "tokenizers": "the tokenizers library's trainer"}.get(
+            trained.get("engine"), "an unnamed trainer")
+        lines += ["", f"Trained on {trained['texts']:,} texts ({trained['bytes'] / 1e6:.1f} MB) by {who}."]
     return "\n".join(lines) + "\n"
 
 

@@ -121,6 +121,7 @@ def test_stage_writes_report_card_and_cli_compares_with_reference(tmp_path, caps
     folder = tmp_path / "run" / "tok"
     card = json.loads((folder / "report.json").read_text())
     assert card["roundtrip_exact"] == 1.0 and card["vocab_size"] == 1000 and card["trained_on"]["bytes"] <= 200_000
+    assert card["trained_on"]["engine"] == "lmssl"  # the report says who trained
     alice = str(shared_file("gutenberg_nltk/carroll-alice.txt.xz"))
     assert main(["report", "tokenizer", str(folder), "--data", alice, "--encoding", "latin-1",
                  "--reference", str(folder)]) == 0

@@ -155,7 +155,7 @@ def test_a_disagreeing_self_check_trains_with_the_library_instead(texts, tmp_pat
     cfg = stage.Config(name="tok", kind="tokenizer", spec="llama-bpe", vocab_size=1000)
     tokenizer, fed = stage.build(stage.load_spec("llama-bpe"), cfg, iter([texts[:2000], texts[2000:4000]]))
     assert "training with the tokenizers library instead" in capsys.readouterr().err
-    assert fed.texts == 4000 and len(tokenizer) == 1000
+    assert fed.texts == 4000 and len(tokenizer) == 1000 and fed.engine == "tokenizers"
 
 
 def test_reading_text_files_cuts_lines_like_datasets(tmp_path):

@@ -209,6 +209,7 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
     if model is not None:
         tokenizer.model = model
         tokenizer.add_special_tokens(tokens)
+        fed.engine = "lmssl"
     else:
         try:
             tokenizer.train_from_iterator(fed, trainer=trainer)
@@ -293,10 +294,10 @@ def _with_byte_tokens(tokenizer, specials: list[str], unk: Optional[str], model_
 
 
 class _Counter:
-    """Wraps the batch iterator handed to the trainer and counts what it fed (bytes, texts)."""
+    """Wraps the batch iterator handed to the trainer and counts what it fed (bytes, texts), and who trained."""
 
     def __init__(self, batches: Iterator[list[str]]):
-        self.batches, self.bytes, self.texts = batches, 0, 0
+        self.batches, self.bytes, self.texts, self.engine = batches, 0, 0, "tokenizers"
 
     def __iter__(self):
         for batch in self.batches:
@@ -319,7 +320,7 @@ def run(cfg: Config, ctx):
         tokenizer, fed = build(spec, cfg, batches)
         tokenizer.save_pretrained(ctx.out_dir)
         card = report_card(AutoTokenizer.from_pretrained(ctx.out_dir), heldout, name=cfg.spec)
-        card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts}
+        card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts, "engine": fed.engine}
         write_card(card, ctx.out_dir)
     ctx.accelerator.wait_for_everyone()  # other processes wait here, then load what the main one saved
     AutoTokenizer.from_pretrained(ctx.out_dir)  # every process checks that the saved folder loads
