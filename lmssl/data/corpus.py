@@ -23,6 +23,7 @@ from lmssl.recipe import DataConfig
 
 HELDOUT_BYTES = 1_000_000  # held-out text for the report card: 1 MB gives stable rates in seconds
 BATCH = 10_000  # texts per batch handed to the trainer
+READ_BLOCK = 8 << 20  # characters read at a time from local text files
 SPREAD_SLACK = 1.1  # spread sampling keeps 10% more rows than max_bytes needs; the byte cap trims the rest
 
 
@@ -35,8 +36,13 @@ def local_files(data: DataConfig) -> list[Path]:
             for p in sorted(glob.glob(os.path.expanduser(pattern))) if Path(p).is_file()]
 
 
+def _opener(name: str):
+    """open, or lzma.open / gzip.open for .xz / .gz files."""
+    return lzma.open if name.endswith(".xz") else gzip.open if name.endswith(".gz") else open
+
+
 def _open_bytes(path: Path):
-    return {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)(path, "rb")
+    return _opener(str(path))(path, "rb")
 
 
 def looks_binary(path: Path) -> bool:
@@ -117,16 +123,12 @@ def plain_text_files(cfg: DataConfig) -> Optional[list[str]]:
     return files if all(f.endswith((".txt", ".txt.xz", ".txt.gz")) for f in files) else None
 
 
-READ_BLOCK = 8 << 20  # characters read at a time
-
-
 def read_lines(files: list[str], encoding: Optional[str]) -> Iterator[list[str]]:
     """Lists of lines, cut as `datasets`' text loader cuts them (universal newlines, then "\\n";
     invalid bytes replaced), read in blocks: one pass, memory bounded by the block size."""
     for name in files:
-        opener = lzma.open if name.endswith(".xz") else gzip.open if name.endswith(".gz") else open
         try:
-            with opener(name, "rt", encoding=encoding or "utf-8", errors="replace") as handle:
+            with _opener(name)(name, "rt", encoding=encoding or "utf-8", errors="replace") as handle:
                 while True:
                     block = handle.read(READ_BLOCK)
                     if not block:
