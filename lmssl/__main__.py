@@ -70,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             print(report_command(args.folder, args.data, args.reference, args.encoding, args.max_bytes))
             return 0
-        from lmssl.recipe import load_recipe
+        from lmssl import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":

@@ -1,6 +1,6 @@
 """Evaluation without keeping logits: objectives report (sum, count) pairs per batch, which are
 summed over batches and processes, so memory stays flat however large the eval set is.
-Downstream metrics (GLUE) and probes live here too.
+Downstream metrics (GLUE) and the kNN classifier of self-supervised vision live here too.
 """
 
 from __future__ import annotations
@@ -8,13 +8,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
-
-def _seed(key: int) -> None:
-    from lmssl.training import seed_all
-
-    seed_all(key)
+from lmssl.rng import seed_all
 
 
 @torch.no_grad()
@@ -33,7 +30,7 @@ def evaluate_objective(objective, module, data, batch_size: int, accelerator, se
     module.eval()
     sums: dict[str, list[float]] = {}
     for i in range(rank, n_batches, world):
-        _seed(seed * 31 + i + 99991)
+        seed_all(seed * 31 + i + 99991)
         rows = data[i * batch_size:(i + 1) * batch_size]
         examples = [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
         batch = objective.collate(examples)
@@ -203,3 +200,109 @@ def metric_module(name: str, config_name: Optional[str] = None):
         known = sorted(p.name for p in folder.parent.iterdir() if (p / f"{p.name}.py").is_file())
         raise KeyError(f"no metric module {name!r} in lmssl; known: {', '.join(known)}")
     return evaluate.load(str(folder), config_name)
+
+
+# --------------------------------------------------------------------------- features and kNN
+
+def _rows(data, start: int, stop: int) -> list[dict]:
+    rows = data[start:stop]
+    return [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
+
+
+@torch.no_grad()
+def extract_features(objective, module, data, batch_size: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (n, dim) float32 on the CPU, labels (n,)) of every row of `data`, in order: the
+    objective's `features` of each batch's evaluation view, batches sharded over processes."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    was_training = module.training
+    module.eval()
+    mine: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for i in range(rank, n_batches, world):
+        examples = _rows(data, i * batch_size, (i + 1) * batch_size)
+        images = torch.from_numpy(np.stack([e["pixels"] for e in examples])).to(accelerator.device)
+        with accelerator.autocast():
+            out = objective.features(module, {"images": images})
+        labels = torch.tensor([int(e["label"]) for e in examples])
+        mine.append((i, out.float().cpu(), labels))
+    module.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        mine = gather_object(mine)
+    mine.sort(key=lambda item: item[0])
+    return torch.cat([f for _, f, _ in mine]), torch.cat([y for _, _, y in mine])
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int = 20,
+                temperature: float = 0.07, num_classes: Optional[int] = None, chunk: int = 1024) -> torch.Tensor:
+    """Class of each query by its k most cosine-similar bank features, each voting with weight
+    exp(similarity / temperature) (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric
+    Instance Discrimination", the kNN monitor of DINO, solo-learn and lightly). Ties go to the
+    smaller class id. Memory: one (chunk, bank) similarity block at a time."""
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    bank = torch.nn.functional.normalize(bank.float(), dim=1)
+    k = min(k, bank.shape[0])
+    predictions = []
+    for start in range(0, queries.shape[0], chunk):
+        q = torch.nn.functional.normalize(queries[start:start + chunk].float(), dim=1)
+        top = (q @ bank.T).topk(k, dim=1)                                   # values, indices: (chunk, k)
+        weights = (top.values / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, bank_labels[top.indices].long(), weights)    # (chunk, classes)
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
+def knn_accuracy(bank, bank_labels, queries, query_labels, k: int = 20, temperature: float = 0.07,
+                 num_classes: Optional[int] = None) -> float:
+    """Top-1 accuracy of knn_predict on labeled queries."""
+    predicted = knn_predict(bank, bank_labels, queries, k, temperature, num_classes)
+    return float((predicted == query_labels.long()).float().mean())
+
+
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # penalties tried on held-out training features ("auto")
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_iter: int) -> torch.Tensor:
+    """(dim + 1, classes) weights of multinomial logistic regression on standardized x, mean
+    cross-entropy + l2/2 * |W|^2 (bias not penalized), solved with L-BFGS from zero: deterministic."""
+    theta = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ theta, y) + 0.5 * l2 * theta[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return theta.detach()
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: Optional[float] = None,
+                 seed: int = 0, max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A linear classifier on frozen features: multinomial logistic regression on features
+    standardized per dimension, fit to convergence with L-BFGS. With l2=None the penalty is picked
+    from L2_GRID by accuracy on a seeded tenth of the training features, then refit on all of them
+    (SimCLR's linear evaluation chooses its regularization on a validation split the same way).
+    Returns (weight (classes, dim), bias (classes,), l2) of one linear layer on the raw features:
+    the standardization is folded in, so `features @ weight.T + bias` are the probe's logits."""
+    labels = labels.long()
+    mean, std = features.double().mean(0), features.double().std(0).clamp_min(1e-6)
+    x = (features.double() - mean) / std
+    if l2 is None:
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+        held, kept = order[: max(1, x.shape[0] // 10)], order[max(1, x.shape[0] // 10):]
+        scores = []
+        for penalty in L2_GRID:
+            theta = _fit_logistic(x[kept], labels[kept], classes, penalty, max_iter // 4)
+            logits = torch.cat([x[held], torch.ones(len(held), 1, dtype=torch.float64)], 1) @ theta
+            scores.append(float((logits.argmax(1) == labels[held]).double().mean()))
+        l2 = L2_GRID[max(range(len(L2_GRID)), key=lambda i: (scores[i], L2_GRID[i]))]  # ties: more penalty
+    theta = _fit_logistic(x, labels, classes, l2, max_iter)
+    weight = (theta[:-1] / std[:, None]).T                                 # (classes, dim) on raw features
+    bias = theta[-1] - weight @ mean
+    return weight.float(), bias.float(), float(l2)

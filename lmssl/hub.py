@@ -13,14 +13,12 @@ from typing import Any, Optional
 
 import yaml
 
-import lmssl
-
 
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "lmssl": lmssl.__version__}
-    for name in ("torch", "transformers", "tokenizers", "accelerate", "datasets", "evaluate"):
+    out = {"python": platform.python_version()}
+    for name in ("lmssl", "torch", "transformers", "tokenizers", "accelerate", "datasets", "evaluate"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

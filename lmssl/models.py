@@ -1,15 +1,19 @@
-"""Model families and size presets, built from config with a trained tokenizer's vocabulary.
+"""Model families and size presets, built from config: text families with a trained tokenizer's
+vocabulary, the `vit` family with an image and patch size.
 
-Objectives choose the head (AutoModelForMaskedLM, BertForPreTraining, AutoModelForCausalLM, ...);
-this module only says what a "bert/tiny" or "llama/small" is, so every output reloads with
-`from_pretrained`.
+Objectives choose the head (AutoModelForMaskedLM, BertForPreTraining, AutoModelForCausalLM,
+ViTMAEForPreTraining, ViTModel + projection, ...); this module only says what a "bert/tiny" or
+"vit/vit-s" is, so every output reloads with `from_pretrained`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 # hidden, layers, heads, intermediate. tiny/mini/small follow Turc et al. 2019 (BERT miniatures).
 SIZES = {
@@ -19,9 +23,20 @@ SIZES = {
     "medium": dict(hidden=512, layers=8, heads=8, intermediate=2048),
     "base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
 }
-FAMILIES = ("bert", "roberta", "gpt2", "llama")
+# The ViT paper's sizes (Dosovitskiy et al. 2021, table 1; Ti from Touvron et al. 2021, DeiT), at 224 pixels
+# with 16-pixel patches unless the recipe says otherwise. The sizes above serve vit too, at CIFAR scale
+# (32 pixels, 4-pixel patches: 64 patches, as in CIFAR ViT baselines).
+VIT_SIZES = {
+    "vit-ti": dict(hidden=192, layers=12, heads=3, intermediate=768),
+    "vit-s": dict(hidden=384, layers=12, heads=6, intermediate=1536),
+    "vit-b": dict(hidden=768, layers=12, heads=12, intermediate=3072),
+}
+VIT_INPUT = {"vit-ti": (224, 16), "vit-s": (224, 16), "vit-b": (224, 16)}  # (image_size, patch_size)
+CIFAR_INPUT = (32, 4)
+FAMILIES = ("bert", "roberta", "gpt2", "llama", "vit")
 MASKED_FAMILIES = ("bert", "roberta")
 CAUSAL_FAMILIES = ("gpt2", "llama")
+IMAGE_FAMILIES = ("vit",)
 
 
 @dataclass
@@ -29,9 +44,10 @@ class ModelConfig:
     """Which transformer to pretrain: a family and size from scratch, or a checkpoint to continue."""
 
     family: str = "bert"
-    """Architecture family: bert, roberta (masked), gpt2, llama (causal)."""
+    """Architecture family: bert, roberta (masked), gpt2, llama (causal), vit (images)."""
     size: str = "tiny"
-    """Size preset: tiny (2x64), mini (4x256), small (4x512), medium (8x512), base (12x768)."""
+    """Size preset: tiny (2x64), mini (4x256), small (4x512), medium (8x512), base (12x768); for vit also
+    vit-ti (12x192), vit-s (12x384), vit-b (12x768)."""
     init_from: Optional[str] = None
     """Warm start from a folder or hub id instead of random initialization."""
     trust_remote_code: bool = False
@@ -39,7 +55,11 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Any transformers config field, e.g. {hidden_dropout_prob: 0.0, num_hidden_layers: 6}."""
     dropout: Optional[float] = None
-    """Dropout on hidden states and attention; None keeps the family default (0.1)."""
+    """Dropout on hidden states and attention; None keeps the family default (0.1; 0 for vit, as in ViT pretraining)."""
+    image_size: Optional[int] = None
+    """vit: input side in pixels; None takes the size's default (224 for vit-ti/s/b, 32 for the others)."""
+    patch_size: Optional[int] = None
+    """vit: patch side in pixels, dividing image_size; None takes the size's default (16 for vit-ti/s/b, else 4)."""
 
 
 def check_model(cfg: ModelConfig, where: str) -> None:
@@ -48,8 +68,70 @@ def check_model(cfg: ModelConfig, where: str) -> None:
     if cfg.init_from is None:
         if cfg.family not in FAMILIES:
             raise RecipeError(f"{where}.family: unknown model family {cfg.family!r}; known: {', '.join(FAMILIES)}")
-        if cfg.size not in SIZES:
-            raise RecipeError(f"{where}.size: unknown size {cfg.size!r}; known: {', '.join(SIZES)}")
+        sizes = {**SIZES, **VIT_SIZES} if cfg.family in IMAGE_FAMILIES else SIZES
+        if cfg.size not in sizes:
+            raise RecipeError(f"{where}.size: unknown size {cfg.size!r} for {cfg.family}; known: {', '.join(sizes)}")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise RecipeError(f"{where}.dropout: a probability in [0, 1), got {cfg.dropout!r}")
+    if cfg.family not in IMAGE_FAMILIES:
+        for key in ("image_size", "patch_size"):
+            if getattr(cfg, key) is not None:
+                raise RecipeError(f"{where}.{key}: only the vit family has an image size; drop it for {cfg.family}")
+        return
+    for key, low, high in (("image_size", 4, 4096), ("patch_size", 1, 512)):
+        value = getattr(cfg, key)
+        if value is not None and not low <= value <= high:
+            raise RecipeError(f"{where}.{key}: {value} pixels is outside [{low}, {high}]")
+    if cfg.init_from is None:
+        image, patch = vit_input(cfg)
+        if image % patch:
+            raise RecipeError(f"{where}.patch_size: {patch} does not divide image_size {image}; "
+                              f"use a divisor such as {max(d for d in range(1, patch + 1) if image % d == 0)}")
+        heads = {**SIZES, **VIT_SIZES}[cfg.size]["heads"]
+        hidden = cfg.overrides.get("hidden_size", {**SIZES, **VIT_SIZES}[cfg.size]["hidden"])
+        if hidden % 4 or hidden % cfg.overrides.get("num_attention_heads", heads):
+            raise RecipeError(f"{where}.overrides.hidden_size: {hidden} must be a multiple of 4 and of the number "
+                              "of attention heads (fixed 2-D sine-cosine positions use a quarter each)")
+
+
+def vit_input(cfg: ModelConfig) -> tuple[int, int]:
+    """(image_size, patch_size) of a vit model config: the recipe's, else the size preset's."""
+    image, patch = VIT_INPUT.get(cfg.size, CIFAR_INPUT)
+    return cfg.image_size or image, cfg.patch_size or patch
+
+
+def build_vit_config(cfg: ModelConfig, config_cls, **extra):
+    """A ViTConfig (or ViTMAEConfig, passed as config_cls) for `cfg`; `extra` adds head-specific fields."""
+    s = {**SIZES, **VIT_SIZES}[cfg.size]
+    image, patch = vit_input(cfg)
+    dropout = cfg.dropout or 0.0
+    config = config_cls(image_size=image, patch_size=patch, num_channels=3, hidden_size=s["hidden"],
+                        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                        intermediate_size=s["intermediate"], hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, layer_norm_eps=1e-6, **extra)
+    for key, value in cfg.overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def sincos_positions(dim: int, grid: int) -> torch.Tensor:
+    """(1 + grid**2, dim) fixed 2-D sine-cosine position embeddings, zero for the CLS token first:
+    the first half encodes the patch's row, the second its column, each as [sin | cos] over
+    dim/4 frequencies 1/10000^(i/(dim/4)) (He et al. 2022, "Masked Autoencoders Are Scalable
+    Vision Learners", after Vaswani et al. 2017)."""
+    import torch
+
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def encode(position):                                                  # (grid*grid,) -> (grid*grid, dim/2)
+        angles = position.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    table = torch.cat([encode(rows), encode(cols)], 1)                     # (grid*grid, dim)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], 0).float()
 
 
 def build_config(cfg: ModelConfig, tokenizer, max_positions: int):

@@ -46,9 +46,15 @@ class DataConfig:
     eval_fraction: float = 0.02
     """Share of the training split held out for evaluation when there is no eval_split (2%: enough for a stable loss)."""
     column: str = "text"
-    """The text column (or image column for vision)."""
+    """The text column (text stages)."""
+    image_column: Optional[str] = None
+    """The image column of a `datasets` source (vision stages); None takes the first column of type Image."""
+    label_column: Optional[str] = "label"
+    """Class labels for the kNN monitor and the probe stage: a column of a `datasets` source (class ids or
+    names); folders and zips take the class subfolder. None reads the data as unlabeled."""
     max_samples: Optional[int] = None
-    """Keep only the first N training rows (quick experiments); None keeps all."""
+    """Keep only N training rows (quick experiments): the first N of a text source, N drawn with the
+    run's seed from an image source (so every class stays); None keeps all."""
     streaming: bool = False
     """Stream instead of downloading/reading everything first (corpora larger than memory or disk)."""
     encoding: Optional[str] = None
@@ -61,11 +67,12 @@ class DataConfig:
     def check(self, where: str) -> None:
         """Fail early, offline: local files must exist, a hub id must at least look like one."""
         if self.path.startswith("builtin:"):
-            from lmssl.data.builtin import BUILTIN
+            from lmssl.data.builtin import BUILTIN, BUILTIN_IMAGES
 
             name = self.path.split(":", 1)[1]
-            if name not in BUILTIN:
-                raise RecipeError(f"{where}.path: unknown builtin dataset {name!r}; known: {', '.join(sorted(BUILTIN))}")
+            if name not in BUILTIN and name not in BUILTIN_IMAGES:
+                known = ", ".join(sorted([*BUILTIN, *BUILTIN_IMAGES]))
+                raise RecipeError(f"{where}.path: unknown builtin dataset {name!r}; known: {known}")
             return
         patterns: list[str] = []
         if isinstance(self.files, str):
@@ -113,6 +120,16 @@ class StageConfig:
     def fingerprint_inputs(self) -> list[str]:
         """Contents beyond the config that decide the output (e.g. a spec file); part of the fingerprint."""
         return []
+
+    def references(self) -> list[tuple[str, str]]:
+        """(field, value) for every earlier stage, folder or hub id a *_from field names (one, or a list)."""
+        pairs = []
+        for ref in self.REFERENCES:
+            value = getattr(self, ref)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None:
+                    pairs.append((ref, item))
+        return pairs
 
 
 @dataclass
@@ -338,12 +355,6 @@ def parse_dataclass(cls: type, data: dict, where: str) -> Any:
 
 # --------------------------------------------------------------------------- loading
 
-def _stage_classes() -> dict[str, type]:
-    from lmssl.stages import STAGES
-
-    return {kind: module.Config for kind, module in STAGES.items()}
-
-
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `--set a.b.c=value` to the raw recipe mapping; stages are addressed by name."""
     if "=" not in assignment:
@@ -409,8 +420,10 @@ def _line_of(text: str, where: str) -> Optional[int]:
     return line
 
 
-def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, check: bool = True) -> Recipe:
-    """Read, override, parse and (by default) check a recipe; every mistake is a RecipeError."""
+def load_recipe(path: Union[str, Path], kinds: dict[str, type], overrides: Optional[list[str]] = None,
+                check: bool = True) -> Recipe:
+    """Read, override, parse and (by default) check a recipe; every mistake is a RecipeError.
+    `kinds` maps each stage kind to its Config class (the stage registry, passed down from above)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
@@ -427,7 +440,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, c
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
-        recipe = parse_raw(raw)
+        recipe = parse_raw(raw, kinds)
         recipe.source = str(path)
         if check:
             check_recipe(recipe)
@@ -440,25 +453,25 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None, c
     return recipe
 
 
-def parse_raw(raw: dict) -> Recipe:
+def parse_raw(raw: dict, kinds: dict[str, type]) -> Recipe:
+    """A Recipe from a loaded mapping; `kinds` maps stage kinds to their Config kinds."""
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError("stages: a recipe needs a non-empty list of stages")
     top = {k: v for k, v in raw.items() if k != "stages"}
     recipe = parse_dataclass(Recipe, top, "")
-    classes = _stage_classes()
     for index, entry in enumerate(stages_raw):
         if not isinstance(entry, dict):
             raise RecipeError(f"stages[{index}]: each stage is a mapping with `kind`, got {entry!r}")
         kind = entry.get("kind")
         name = entry.get("name", kind)
         where = f"stages.{name}" if isinstance(name, str) and name else f"stages[{index}]"
-        if kind not in classes:
-            near = difflib.get_close_matches(str(kind), list(classes), n=1)
+        if kind not in kinds:
+            near = difflib.get_close_matches(str(kind), list(kinds), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise RecipeError(f"{where}.kind: unknown stage kind {kind!r} (known: {', '.join(classes)}){hint}")
+            raise RecipeError(f"{where}.kind: unknown stage kind {kind!r} (known: {', '.join(kinds)}){hint}")
         entry = dict(entry, name=name)
-        recipe.stages.append(parse_dataclass(classes[kind], entry, where))
+        recipe.stages.append(parse_dataclass(kinds[kind], entry, where))
     recipe.raw = raw
     return recipe
 
@@ -473,10 +486,8 @@ def check_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.name: two stages are named {stage.name!r}; names must be unique")
         if not re.match(r"^[A-Za-z0-9][\w.-]*$", stage.name):
             raise RecipeError(f"{where}.name: {stage.name!r} must be a plain folder name (letters, digits, . _ -)")
-        for ref, kinds in stage.REFERENCES.items():
-            value = getattr(stage, ref)
-            if value is None:
-                continue
+        for ref, value in stage.references():
+            kinds = stage.REFERENCES[ref]
             if value in seen:
                 if seen[value].kind not in kinds:
                     raise RecipeError(

@@ -16,61 +16,15 @@ import os
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from lmssl.data.builtin import FORMAT as BUILTIN_FORMAT
 from lmssl.recipe import Recipe, StageConfig
+from lmssl.stages.base import StageContext, StageResult
 
 # Fields that change how a stage reports or checkpoints, not what it produces.
 NOT_FINGERPRINTED = {"log_every", "save_every", "keep_checkpoints", "num_workers", "eval_every", "push_to_hub"}
-
-
-@dataclass
-class StageResult:
-    path: Path
-    metrics: dict[str, Any] = field(default_factory=dict)
-    headline: dict[str, Any] = field(default_factory=dict)
-    """The few metrics the run summary shows for this stage."""
-    report: str = ""
-    """Markdown the stage adds to summary.md (e.g. a results table)."""
-    fingerprint: str = ""
-
-
-@dataclass
-class StageContext:
-    accelerator: Any
-    run_dir: Path
-    outputs: dict[str, StageResult]
-    out_dir: Path
-    """Where this stage writes; renamed to run_dir/<name> when the stage completes."""
-    seed: int = 0
-    gradient_accumulation_steps: int = 1
-    recipe_raw: dict = field(default_factory=dict)
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def main_process_first(self):
-        """Tokenize/prepare on the main process first (cached), then the others read the cache."""
-        return self.accelerator.main_process_first()
-
-    def print(self, *args) -> None:
-        self.accelerator.print(*args)
-
-    def resolve(self, reference: Optional[str]) -> Optional[Path | str]:
-        """A *_from value: an earlier stage's folder, else the folder or hub id as given."""
-        if reference is None:
-            return None
-        if reference in self.outputs:
-            return self.outputs[reference].path
-        return reference
 
 
 def _folder_fingerprint(path: Path) -> str:
@@ -108,12 +62,12 @@ def _data_fingerprint(config: dict) -> list[str]:
 def fingerprint(stage: StageConfig, recipe: Recipe, outputs: dict[str, StageResult]) -> str:
     config = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_FINGERPRINTED}
     inputs = {}
-    for ref in stage.REFERENCES:
-        value = getattr(stage, ref)
+    for ref, value in stage.references():
+        key = f"{ref}:{value}" if isinstance(getattr(stage, ref), list) else ref
         if value in outputs:
-            inputs[ref] = outputs[value].fingerprint
-        elif value and Path(value).exists():
-            inputs[ref] = _folder_fingerprint(Path(value))
+            inputs[key] = outputs[value].fingerprint
+        elif Path(value).exists():
+            inputs[key] = _folder_fingerprint(Path(value))
     payload = {
         "config": config, "inputs": inputs, "data": _data_fingerprint(config), "extra": stage.fingerprint_inputs(),
         "builtin_data_format": BUILTIN_FORMAT,

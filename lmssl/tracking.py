@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 def count_units(batch: dict) -> tuple[int, str]:
     """How much work a batch is, for throughput: real tokens for text, images for vision."""
-    if "pixel_values" in batch:
-        return int(batch["pixel_values"].shape[0]), "images"
+    for key in ("images", "pixel_values"):
+        if key in batch:
+            return int(batch[key].shape[0]), "images"
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum()), "tokens"
     if "input_ids" in batch:

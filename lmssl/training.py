@@ -9,36 +9,23 @@ the forward pass (dropout), which makes a resumed run bit-identical to an uninte
 from __future__ import annotations
 
 import math
-import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from lmssl import checkpoint
 from lmssl.errors import LmsslError
 from lmssl.evaluation import evaluate_objective
+from lmssl.rng import batch_key, seed_all
 from lmssl.tracking import Tracker, count_units
 
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the stage can be resumed."""
-
-
-def seed_all(key: int) -> None:
-    key %= 2**32
-    random.seed(key)
-    np.random.seed(key)
-    torch.manual_seed(key)
-
-
-def batch_key(seed: int, micro: int, rank: int) -> int:
-    """A distinct, reproducible RNG seed for micro-batch `micro` on process `rank`."""
-    return (seed * 1_000_003 + micro * 7_919 + rank * 104_729 + 17) % 2**32
 
 
 class KeyedDataset(torch.utils.data.Dataset):
@@ -171,7 +158,7 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
 
     accelerator.gradient_accumulation_steps = accumulation
     seed_all(seed)
-    module = objective.training_module(model) if hasattr(objective, "training_module") else model
+    module = objective.training_module(model)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   fused=accelerator.device.type == "cuda" or None)
@@ -203,11 +190,11 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                 "history": history}
 
     def run_eval() -> dict[str, float]:
-        if eval_data is None or len(eval_data) == 0:
-            return {}
-        result = evaluate_objective(objective, module, eval_data, cfg.batch_size, accelerator, seed,
-                                    max_batches=cfg.eval_batches)
-        metrics = {f"eval/{k}": v for k, v in result.items()}
+        metrics: dict[str, float] = {}
+        if eval_data is not None and len(eval_data) > 0:
+            result = evaluate_objective(objective, module, eval_data, cfg.batch_size, accelerator, seed,
+                                        max_batches=cfg.eval_batches)
+            metrics = {f"eval/{k}": v for k, v in result.items()}
         if on_eval is not None:
             metrics.update(on_eval(step) or {})
         module.train()

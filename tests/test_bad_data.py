@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-from lmssl.recipe import load_recipe
+from lmssl import load_recipe
 from lmssl.runner import run_recipe
 
 REPO = Path(__file__).resolve().parent.parent

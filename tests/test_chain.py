@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lmssl.recipe import load_recipe
+from lmssl import load_recipe
 from lmssl.runner import run_recipe
 
 TINY_CHAIN = """\

@@ -124,7 +124,7 @@ def test_unknown_task_exits_2_naming_it_and_the_nearest_name(tmp_path, glue_dir,
 def test_shipped_glue_recipe_validates():
     from pathlib import Path
 
-    from lmssl.recipe import load_recipe
+    from lmssl import load_recipe
 
     shared_file("glue/SST-2/train.tsv.xz")
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "glue.yaml",

@@ -13,6 +13,7 @@ from test_objectives import bytebpe, train_tokenizer, wikitext_lines, wordpiece 
 from lmssl.data.text import group_lines
 from lmssl.errors import RecipeError
 from lmssl.recipe import check_recipe, parse_raw
+from lmssl.stages import CONFIGS
 from lmssl.runner import run_recipe
 
 BATCH, LENGTH = 16, 64
@@ -73,7 +74,7 @@ def test_tiny_model_learns_well_past_the_unigram_baseline_and_reloads(family, re
     tokenizer_dir = tmp_path / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
     stage = pretrain_stage(tokenizer_dir, family, objective, max_steps=steps, objective_args=options)
-    recipe = parse_raw({"name": f"tiny-{family}", "seed": 0, "stages": [stage]})
+    recipe = parse_raw({"name": f"tiny-{family}", "seed": 0, "stages": [stage]}, CONFIGS)
     check_recipe(recipe)
     result = run_recipe(recipe, run_dir=tmp_path / "run")["pretrain"]
     loss = result.metrics["eval/mlm_loss" if objective == "mlm_nsp" else "eval/loss"]
@@ -97,7 +98,7 @@ def test_tiny_model_learns_well_past_the_unigram_baseline_and_reloads(family, re
 # --------------------------------------------------------------------------- mistakes caught before training
 
 def check(stage: dict) -> None:
-    check_recipe(parse_raw({"name": "bad", "stages": [stage]}))
+    check_recipe(parse_raw({"name": "bad", "stages": [stage]}, CONFIGS))
 
 
 def test_nsp_with_a_gpt2_model_is_a_recipe_error_naming_the_family(tmp_path):
@@ -136,7 +137,7 @@ def test_a_corpus_without_multi_sentence_documents_stops_nsp_before_training(tmp
     wordpiece.save_pretrained(str(tmp_path / "tok"))
     stage = pretrain_stage(tmp_path / "tok", "bert", "mlm_nsp", documents="rows",
                            data={"path": "text", "files": str(titles)})
-    recipe = parse_raw({"name": "titles", "stages": [stage]})
+    recipe = parse_raw({"name": "titles", "stages": [stage]}, CONFIGS)
     check_recipe(recipe)
     with pytest.raises(LmsslError, match="at least two sentences"):
         run_recipe(recipe, run_dir=tmp_path / "run")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmssl.errors import RecipeError
-from lmssl.recipe import load_recipe
+from lmssl import load_recipe
 from conftest import shared_file
 
 REPO = Path(__file__).resolve().parent.parent

@@ -62,7 +62,7 @@ def test_checkpoint_state_is_loaded_weights_only(accelerator, tmp_path, monkeypa
 
 
 def test_hub_token_in_a_recipe_never_reaches_the_run_folder(tmp_path):
-    from lmssl.recipe import load_recipe
+    from lmssl import load_recipe
     from lmssl.runner import run_recipe
 
     secret = "hf_ThisMustNeverBeWritten123"

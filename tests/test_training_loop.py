@@ -26,6 +26,9 @@ class Regression:
         self.poison = set(poison_steps)
         self.calls = 0
 
+    def training_module(self, model):
+        return model
+
     def collate(self, rows):
         return {"x": torch.tensor([r["x"] for r in rows]), "y": torch.tensor([r["y"] for r in rows])}
 

@@ -5,6 +5,8 @@
 `builtin:pydocs-topic` is a labeled task from the same kind of text: which area of the standard
 library (GUI, networking, mail, testing, ...) does a docstring document? A quarter of the
 docstrings of those areas are held out of the corpus for it, so pretraining never sees them.
+`builtin:digits` is an image set: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10
+classes), split 80/20 by index; lmssl/data/images.py scales them up.
 """
 
 from __future__ import annotations
@@ -97,6 +99,23 @@ def topic_rows() -> Iterator[dict]:
 BUILTIN = {
     "pydocs": corpus_rows,
     "pydocs-topic": topic_rows,
+}
+
+
+def digits() -> dict:
+    """scikit-learn's digits: images (N, 8, 8) uint8 0..255, labels (N,), split (N,) "train"/"test", label_names."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255 / 16)).astype(np.uint8)  # 17 gray levels 0..16 -> 0..255
+    split = np.where(np.arange(len(images)) % 5 == 4, "test", "train")  # every 5th image: 1,438 / 359
+    return {"images": images, "labels": bunch.target.astype(np.int64), "split": split,
+            "label_names": [str(d) for d in range(10)]}
+
+
+BUILTIN_IMAGES = {  # image sets, read by lmssl.data.images (not by the text loader)
+    "digits": digits,
 }
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lmssl.data.packing import pack_blocks, tokenize_column
 from lmssl.errors import LmsslError
 from lmssl.models import CAUSAL_FAMILIES, build_config
+from lmssl.objectives.base import TextObjective
 from lmssl.objectives.mlm import pad_rows
 
 
@@ -53,21 +54,23 @@ class ShiftedCausalLM(torch.nn.Module):
         return loss, (logits.argmax(-1) == targets).sum(), targets.numel()
 
 
-class CausalLM:
+class CausalLM(TextObjective):
     """Documents end with EOS and are cut into blocks of max_length; the last, shorter block of each
     packing batch is kept (padded at the right, never scored there), not dropped."""
 
     name = "causal_lm"
     families = CAUSAL_FAMILIES
     stat_names = ("loss", "accuracy")
+    headline = ("loss", "perplexity", "accuracy")
+    pipeline_tag = "text-generation"
     reports_perplexity = True
     Options = Options
 
-    def __init__(self, options: Options, tokenizer, max_length: int):
+    def __init__(self, options: Options, tokenizer, max_length: int = 128, seed: int = 0):
         if tokenizer.eos_token_id is None:
             raise LmsslError("the causal_lm objective needs a tokenizer with an EOS token to join documents; "
                              "this one has none")
-        self.options, self.tokenizer, self.max_length = options, tokenizer, max_length
+        super().__init__(options, tokenizer, max_length, seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def build_model(self, model_cfg):
@@ -77,7 +80,7 @@ class CausalLM:
             return AutoModelForCausalLM.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
         return AutoModelForCausalLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
 
-    def prepare(self, dataset, column: str):
+    def prepare(self, dataset, column: str = "text"):
         eos = [self.tokenizer.eos_token_id]
         ids = tokenize_column(dataset, self.tokenizer, column, append=eos)   # every document ends with EOS
         return pack_blocks(ids, self.max_length, separator=[], prefix=[], suffix=[])

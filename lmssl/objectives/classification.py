@@ -33,6 +33,9 @@ class SequenceClassification:
 
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
 
+    def training_module(self, model):
+        return model
+
     def collate(self, examples):
         features = [{k: v for k, v in e.items() if k != "labels"} for e in examples]
         batch = self.tokenizer.pad(features, return_tensors="pt")

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from lmssl.data.packing import pack_blocks, tokenize_column
+from lmssl.errors import RecipeError
 from lmssl.models import MASKED_FAMILIES, build_config
+from lmssl.objectives.base import TextObjective
 
 
 @dataclass
@@ -30,6 +32,16 @@ class Options:
     """...this share a random token (10); the rest stay as they are (10)."""
     whole_word: bool = False
     """Choose whole words, not tokens: every piece of a chosen word is predicted (BERT's WWM)."""
+
+    def check(self, where: str) -> None:
+        if not 0.0 < self.mask_rate < 1.0:
+            raise RecipeError(f"{where}.mask_rate: a share in (0, 1), got {self.mask_rate!r}")
+        for key in ("mask_token_share", "random_token_share"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise RecipeError(f"{where}.{key}: a share in [0, 1], got {getattr(self, key)!r}")
+        if self.mask_token_share + self.random_token_share > 1.0:
+            raise RecipeError(f"{where}.random_token_share: mask_token_share + random_token_share is "
+                              f"{self.mask_token_share + self.random_token_share:g}, more than all chosen tokens (1)")
 
 
 def choose_words(word_starts: torch.Tensor, maskable: torch.Tensor, rate: float) -> torch.Tensor:
@@ -91,18 +103,20 @@ def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-class MaskedLM:
+class MaskedLM(TextObjective):
     name = "mlm"
     families = MASKED_FAMILIES
     stat_names = ("loss", "accuracy")
+    headline = ("loss", "accuracy")
+    pipeline_tag = "fill-mask"
     Options = Options
 
-    def __init__(self, options: Options, tokenizer, max_length: int):
+    def __init__(self, options: Options, tokenizer, max_length: int = 128, seed: int = 0):
         if tokenizer.mask_token_id is None:
             from lmssl.errors import LmsslError
 
             raise LmsslError(f"the {self.name} objective needs a tokenizer with a mask token; this one has none")
-        self.options, self.tokenizer, self.max_length = options, tokenizer, max_length
+        super().__init__(options, tokenizer, max_length, seed)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
     def build_model(self, model_cfg):
@@ -112,7 +126,7 @@ class MaskedLM:
             return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
         return AutoModelForMaskedLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
 
-    def prepare(self, dataset, column: str):
+    def prepare(self, dataset, column: str = "text"):
         tok = self.tokenizer
         ids = tokenize_column(dataset, tok, column, with_word_starts=self.options.whole_word)
         cls = [tok.cls_token_id] if tok.cls_token_id is not None else [tok.bos_token_id]

@@ -45,19 +45,21 @@ class PreTrainingHeads(torch.nn.Module):
 
 
 class MaskedLMWithNSP(MaskedLM):
+    """Pairs are drawn once, in `prepare`, from the recipe's seed."""
+
     name = "mlm_nsp"
     families = ("bert",)
     pair_kind = "nsp"
     stat_names = ("loss", "mlm_loss", "accuracy", "nsp_loss", "nsp_accuracy")
+    headline = ("loss", "mlm_loss", "accuracy", "nsp_accuracy")
     Options = Options
-    seed = 0
-    """Seeds pair building; the pretrain stage sets it to the recipe's seed."""
 
     @classmethod
-    def check_options(cls, options: Options, where: str) -> None:
+    def check(cls, options: Options, stage, where: str) -> None:
+        super().check(options, stage, where)
         if options.whole_word:
-            raise RecipeError(f"{where}.whole_word: whole-word masking is available with the mlm objective only, "
-                              f"not {cls.name}")
+            raise RecipeError(f"{where}.objective_args.whole_word: whole-word masking is available with the mlm "
+                              f"objective only, not {cls.name}")
 
     def build_model(self, model_cfg):
         from transformers import BertForPreTraining
@@ -66,7 +68,7 @@ class MaskedLMWithNSP(MaskedLM):
             return BertForPreTraining.from_pretrained(model_cfg.init_from)
         return BertForPreTraining(build_config(model_cfg, self.tokenizer, self.max_length))
 
-    def prepare(self, dataset, column: str):
+    def prepare(self, dataset, column: str = "text"):
         documents = tokenize_sentences(dataset, self.tokenizer, column)
         return build_pair_dataset(documents, self.tokenizer, self.pair_kind, self.max_length, self.seed,
                                   self.options.short_seq_prob, where=self.name)

@@ -10,3 +10,4 @@ class MaskedLMWithSOP(MaskedLMWithNSP):
     name = "sop"
     pair_kind = "sop"
     stat_names = ("loss", "mlm_loss", "accuracy", "sop_loss", "sop_accuracy")
+    headline = ("loss", "mlm_loss", "accuracy", "sop_accuracy")

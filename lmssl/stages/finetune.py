@@ -106,7 +106,8 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
                    seed: int, run_dir: Path) -> tuple[object, dict]:
     """Train one model; return it with its validation scores and its test-split predictions."""
     from lmssl.evaluation import predict, task_score
-    from lmssl.training import seed_all, train
+    from lmssl.rng import seed_all
+    from lmssl.training import train
 
     seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
     model = _load_model(source, task, scratch, tokenizer, cfg.trust_remote_code)
@@ -178,7 +179,7 @@ def run(cfg: Config, ctx):
     from lmssl.evaluation import task_score
     from lmssl.hub import save_model, write_json, write_model_card
     from lmssl.objectives.classification import SequenceClassification
-    from lmssl.runner import StageResult
+    from lmssl.stages.base import StageResult
 
     source = ctx.resolve(cfg.model_from)
     where = f"stages.{cfg.name}"

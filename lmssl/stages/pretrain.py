@@ -1,4 +1,5 @@
-"""The `pretrain` stage: self-supervised training of a transformers model with one objective."""
+"""The `pretrain` stage: self-supervised training of a transformers model with one objective, text or
+images. The stage follows the objective contract (objectives/base.py) and knows no method by name."""
 
 from __future__ import annotations
 
@@ -11,22 +12,57 @@ from lmssl.recipe import DataConfig, TrainingConfig, parse_dataclass
 
 
 @dataclass
+class KnnConfig:
+    """The kNN monitor of image pretraining: labeled training images are the memory bank, held-out
+    images the queries, classified by their nearest bank features (cosine, weighted votes)."""
+
+    enabled: bool = True
+    """Run the monitor at every evaluation (eval_every and the end) when labels are at hand."""
+    k: int = 20
+    """Neighbours that vote (20 suits banks of thousands; DINO and solo-learn use 20 and 200 on ImageNet)."""
+    temperature: float = 0.07
+    """Votes weigh exp(similarity / temperature) (0.07, as in Wu et al. 2018 and DINO)."""
+    bank_size: int = 10_000
+    """Labeled training images in the bank, drawn with the seed (features of all of them each evaluation)."""
+    max_queries: int = 10_000
+    """Held-out images classified per evaluation, at most."""
+    data: Optional[DataConfig] = None
+    """Labeled images for the monitor: its split is the bank, its eval_split the queries; None takes the
+    stage's own data (its training split and its held-out images)."""
+
+    def check(self, where: str) -> None:
+        for key, low, high in (("k", 1, 10_000), ("bank_size", 10, 10**8), ("max_queries", 1, 10**8)):
+            if not low <= getattr(self, key) <= high:
+                raise RecipeError(f"{where}.{key}: between {low} and {high}, got {getattr(self, key)!r}")
+        if not 0.001 <= self.temperature <= 100.0:
+            raise RecipeError(f"{where}.temperature: between 0.001 and 100, got {self.temperature!r}")
+        if self.data is not None:
+            self.data.check(f"{where}.data")
+
+
+@dataclass
 class Config(TrainingConfig):
     objective: str = "mlm"
-    """The self-supervised objective: mlm, mlm_nsp, sop (BERT only) or causal_lm (gpt2, llama)."""
+    """The self-supervised objective: mlm, mlm_nsp, sop (BERT), causal_lm (gpt2, llama); mae, simclr (vit)."""
     objective_args: dict[str, Any] = field(default_factory=dict)
-    """The objective's own options, e.g. {mask_rate: 0.15} for mlm."""
+    """The objective's own options, e.g. {mask_rate: 0.15} for mlm or {mask_ratio: 0.75} for mae."""
     tokenizer_from: Optional[str] = None
-    """A tokenizer stage, folder or hub id; None takes the tokenizer of model.init_from."""
+    """Text: a tokenizer stage, folder or hub id; None takes the tokenizer of model.init_from."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture family and size, or a checkpoint to warm-start from."""
     data: DataConfig = field(default_factory=DataConfig)
-    """The unlabeled text."""
+    """The unlabeled text, or the images (labels, when present, feed the kNN monitor only)."""
     documents: Literal["rows", "blank_lines"] = "rows"
-    """What a document is: rows (each row of data.column) or blank_lines (rows are lines of text
+    """Text: what a document is: rows (each row of data.column) or blank_lines (rows are lines of text
     and blank lines end a document, as in WikiText). NSP/SOP pairs and EOS joins follow documents."""
     max_length: int = 128
-    """Tokens per training sequence, the causal block size (BERT pretrains mostly at 128)."""
+    """Text: tokens per training sequence, the causal block size (BERT pretrains mostly at 128)."""
+    image_mean: Optional[list[float]] = None
+    """Images: per-channel mean (R, G, B in [0, 1]) to normalize with; None measures the training images."""
+    image_std: Optional[list[float]] = None
+    """Images: per-channel standard deviation to normalize with; None measures the training images."""
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    """Images: the kNN monitor (top-1 of held-out images by their nearest training images' labels)."""
 
     REFERENCES = {"tokenizer_from": ("tokenizer",)}
 
@@ -37,62 +73,69 @@ class Config(TrainingConfig):
             raise RecipeError(f"{where}.objective: unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}")
         objective = OBJECTIVES[self.objective]
         options = parse_dataclass(objective.Options, self.objective_args, f"{where}.objective_args")
-        if hasattr(objective, "check_options"):
-            objective.check_options(options, f"{where}.objective_args")
         check_model(self.model, f"{where}.model")
-        if self.model.init_from is None and self.model.family not in objective.families:
-            raise RecipeError(
-                f"{where}.model.family: the {self.objective} objective needs one of "
-                f"{', '.join(objective.families)}, not {self.model.family!r}"
-            )
-        if self.max_length < 8:
-            raise RecipeError(f"{where}.max_length: {self.max_length} tokens is too short to train on; use 64 or more")
-        check_positions(self.model, self.max_length, f"{where}.model")
-        if self.tokenizer_from is None and self.model.init_from is None:
-            raise RecipeError(f"{where}.tokenizer_from: a model trained from scratch needs a tokenizer stage or folder")
+        objective.check(options, self, where)
+        if objective.modality == "text":
+            check_positions(self.model, self.max_length, f"{where}.model")
+        self.knn.check(f"{where}.knn")
         self.data.check(f"{where}.data")
 
 
-def run(cfg: Config, ctx):
-    from transformers import AutoTokenizer
+def _knn_monitor(cfg: Config, ctx, objective, model, splits, where: str):
+    """on_eval for the loop: kNN top-1 of the held-out images, or None (with a notice) without labels."""
+    from lmssl.data.images import load_image_splits
+    from lmssl.evaluation import extract_features, knn_accuracy
 
-    from lmssl.data.cleaning import clean_texts
-    from lmssl.data.text import load_splits, to_documents
-    from lmssl.errors import LmsslError
-    from lmssl.hub import save_model, write_model_card
-    from lmssl.models import max_positions_of
+    if not cfg.knn.enabled:
+        return None
+    if cfg.knn.data is not None:
+        with ctx.main_process_first():
+            labeled = load_image_splits(cfg.knn.data, objective.size, ctx.seed, f"{where}.knn")
+        bank, queries, names = labeled.train, labeled.eval, labeled.label_names
+    else:
+        bank, queries, names = splits.train, splits.eval, splits.label_names
+    if names is None or queries is None or len(queries) == 0:
+        ctx.print(f"[{cfg.name}] no kNN monitor: it needs labeled images and held-out ones "
+                  "(data.label_column and data.eval_split, or knn.data)")
+        return None
+    if len(bank) > cfg.knn.bank_size:
+        bank = bank.shuffle(seed=ctx.seed).select(range(cfg.knn.bank_size))
+    queries = queries.select(range(min(len(queries), cfg.knn.max_queries)))
+    batch = 2 * cfg.batch_size
+
+    def monitor(step: int) -> dict[str, float]:
+        bank_features, bank_labels = extract_features(objective, model, bank, batch, ctx.accelerator)
+        features, labels = extract_features(objective, model, queries, batch, ctx.accelerator)
+        top1 = knn_accuracy(bank_features, bank_labels, features, labels, cfg.knn.k, cfg.knn.temperature,
+                            len(names))
+        return {"eval/knn_top1": top1}
+
+    return monitor
+
+
+def run(cfg: Config, ctx):
+    from lmssl.hub import write_model_card
     from lmssl.objectives import OBJECTIVES
-    from lmssl.runner import StageResult
+    from lmssl.stages.base import StageResult
     from lmssl.training import train
 
     where = f"stages.{cfg.name}"
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.resolve(cfg.tokenizer_from) or cfg.model.init_from),
-                                              trust_remote_code=cfg.model.trust_remote_code)
     objective_cls = OBJECTIVES[cfg.objective]
-    objective = objective_cls(parse_dataclass(objective_cls.Options, cfg.objective_args, where), tokenizer,
-                              cfg.max_length)
-    if hasattr(objective, "seed"):
-        objective.seed = ctx.seed  # sentence pairs are drawn once, from the recipe's seed
+    options = parse_dataclass(objective_cls.Options, cfg.objective_args, f"{where}.objective_args")
     with ctx.main_process_first():
-        train_text, eval_text = load_splits(cfg.data, ctx.seed, where)
-        blank = cfg.documents == "blank_lines"
-        train_text, skipped = clean_texts(train_text, cfg.data.column, cfg.data.max_chars, f"{where}.data", blank)
-        if eval_text is not None:
-            eval_text, _ = clean_texts(eval_text, cfg.data.column, cfg.data.max_chars, f"{where}.data", blank)
-        train_data = objective.prepare(to_documents(train_text, cfg.data.column, cfg.documents), "text")
-        eval_data = None
-        if eval_text is not None:
-            eval_data = objective.prepare(to_documents(eval_text, cfg.data.column, cfg.documents), "text")
+        splits = objective_cls.read(cfg, ctx.seed, where)
+        preprocessor = objective_cls.load_preprocessor(cfg, splits.train, ctx.resolve, where)
+        objective = objective_cls(options, preprocessor, cfg.max_length, ctx.seed)
+        train_data = objective.prepare(splits.train)
+        eval_data = objective.prepare(splits.eval) if splits.eval is not None else None
     model = objective.build_model(cfg.model)
-    limit = max_positions_of(model.config)
-    if limit is not None and cfg.max_length > limit:
-        raise LmsslError(f"{where}.max_length: {cfg.max_length} is beyond the {limit} positions of "
-                         f"{cfg.model.init_from or cfg.model.family}; lower it to {limit} or less")
+    objective.check_model(model, where)
+    monitor = _knn_monitor(cfg, ctx, objective, model, splits, where) if objective.modality == "image" else None
     result = train(objective, model, train_data, eval_data, cfg, ctx.accelerator, ctx.out_dir, ctx.ckpt_dir,
-                   ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name)
-    save_model(ctx.accelerator, model, ctx.out_dir, tokenizer)
+                   ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name, on_eval=monitor)
+    objective.save(ctx.accelerator, model, ctx.out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    metrics = dict(result.metrics, **skipped, steps=result.steps, parameters=n_params,
+    metrics = dict(result.metrics, **splits.metrics, steps=result.steps, parameters=n_params,
                    train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
     if ctx.is_main:
         family = model.config.model_type
@@ -102,10 +145,8 @@ def run(cfg: Config, ctx):
                     f"{'scratch' if not cfg.model.init_from else cfg.model.init_from} with the `{cfg.objective}` "
                     f"objective for {result.steps} steps on `{cfg.data.path}` by lmssl.",
             recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics=metrics,
-            pipeline_tag="fill-mask" if cfg.objective.startswith(("mlm", "sop")) else "text-generation",
-            tags=(cfg.objective, family),
+            pipeline_tag=objective.pipeline_tag, tags=(cfg.objective, family),
         )
-    shown = ("eval/loss", "eval/mlm_loss", "eval/accuracy", "eval/perplexity", "eval/nsp_accuracy",
-             "eval/sop_accuracy", "steps")
-    headline = {k: v for k, v in metrics.items() if k in shown or k.startswith("data/skipped")}
+    shown = {f"eval/{name}" for name in objective.headline} | {"steps"}
+    headline = {k: v for k, v in metrics.items() if k in shown or (k.startswith("data/skipped") and v)}
     return StageResult(ctx.out_dir, metrics, headline=headline)

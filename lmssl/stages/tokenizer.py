@@ -309,7 +309,7 @@ class _Counter:
 def run(cfg: Config, ctx):
     from transformers import AutoTokenizer
 
-    from lmssl.runner import StageResult
+    from lmssl.stages.base import StageResult
     from lmssl.tokenizer_report import format_card, report_card, write_card
 
     where = f"stages.{cfg.name}"

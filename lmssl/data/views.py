@@ -1,0 +1,237 @@
+"""Image augmentations in plain torch, batched: random resized crop, horizontal flip, color jitter,
+random grayscale, Gaussian blur and solarize, with the defaults of SimCLR (Chen et al. 2020, "A Simple
+Framework for Contrastive Learning of Visual Representations", arXiv:2002.05709, appendix A).
+
+Two steps, so that views are exact on resume and can be made on any device:
+`draw_views` draws every random choice of a batch on the CPU from one torch.Generator (the loop's
+per-batch seed), as small tensors; `apply_views` turns uint8 images and those choices into float
+views, deterministically, on whatever device the images are on (the training GPU, or the CPU in
+the collate function). torchvision is not needed (it does not import beside every torch build).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L") and torchvision's rgb_to_grayscale
+
+
+@dataclass
+class ViewOptions:
+    """How one view of an image is made (SimCLR's augmentation family). Probabilities are per view."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Random resized crop: range of the crop's share of the image area (SimCLR/Inception: 0.08 to 1)."""
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """Random resized crop: range of the crop's aspect ratio, width over height."""
+    flip: float = 0.5
+    """Probability of a horizontal flip (0 for data where left and right matter, such as digits)."""
+    jitter: float = 0.8
+    """Probability of color jitter (brightness, contrast, saturation, hue in random order)."""
+    strength: float = 1.0
+    """Color distortion strength s: jitter of 0.8s brightness, contrast, saturation and 0.2s hue
+    (SimCLR: 1.0 on ImageNet, 0.5 on CIFAR-10)."""
+    grayscale: float = 0.2
+    """Probability of turning the view gray (SimCLR: 0.2)."""
+    blur: float = 0.5
+    """Probability of a Gaussian blur with a kernel of a tenth of the image side (SimCLR on ImageNet: 0.5;
+    its CIFAR-10 runs use none)."""
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    """Range of the blur's standard deviation in pixels."""
+    solarize: float = 0.0
+    """Probability of solarizing (pixels above half turned over; BYOL uses 0.2 on its second view)."""
+
+    def check(self, where: str) -> None:
+        from lmssl.errors import RecipeError
+
+        for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise RecipeError(f"{where}.{name}: a probability between 0 and 1, got {value!r}")
+        if not 0.0 <= self.strength <= 4.0:
+            raise RecipeError(f"{where}.strength: between 0 and 4 (1.0 is SimCLR's ImageNet setting), got {self.strength!r}")
+        for name, ceiling in (("crop_scale", 1.0), ("crop_ratio", math.inf), ("blur_sigma", math.inf)):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] <= ceiling:
+                bound = " <= 1" if ceiling == 1.0 else ""
+                raise RecipeError(f"{where}.{name}: two numbers [low, high] with 0 < low <= high{bound}, got {pair!r}")
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def draw_crops(n: int, height: int, width: int, scale, ratio, generator: torch.Generator, tries: int = 10):
+    """(n, 4) crop boxes (top, left, crop height, crop width) in pixels, as torchvision's
+    RandomResizedCrop draws them: up to `tries` (area, log-ratio) draws per image, the first that
+    fits wins; when none fits, the central crop of the clamped ratio."""
+    area = height * width
+    target = area * _uniform(n * tries, scale[0], scale[1], generator).view(n, tries)
+    log_ratio = _uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), generator).view(n, tries)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    boxes = torch.empty(n, 4, dtype=torch.float64)
+    for i in range(n):  # n is a batch of views: a short loop over scalars, no pixels
+        j = int(first[i])
+        if j >= 0:
+            ch, cw = h[i, j].item(), w[i, j].item()
+        else:  # the central crop, with the aspect ratio clamped into range
+            in_ratio = width / height
+            if in_ratio < ratio[0]:
+                cw, ch = width, round(width / ratio[0])
+            elif in_ratio > ratio[1]:
+                ch, cw = height, round(height * ratio[1])
+            else:
+                cw, ch = width, height
+            boxes[i] = torch.tensor([(height - ch) // 2, (width - cw) // 2, ch, cw], dtype=torch.float64)
+            continue
+        top = math.floor(u[i, 0].item() * (height - ch + 1))
+        left = math.floor(u[i, 1].item() * (width - cw + 1))
+        boxes[i] = torch.tensor([top, left, ch, cw], dtype=torch.float64)
+    return boxes
+
+
+def draw_views(n: int, height: int, width: int, options: ViewOptions, generator: torch.Generator) -> dict:
+    """Every random choice for `n` views of images of height x width, as CPU tensors:
+    crop boxes, flips, jitter factors and their order, grayscale, blur sigma (0 = none), solarize."""
+    s = options.strength
+    low = max(0.0, 1.0 - 0.8 * s)  # ColorJitter's range [max(0, 1 - 0.8s), 1 + 0.8s]: a negative factor would invert
+    factors = low + (1.0 + 0.8 * s - low) * torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    hue = (2.0 * torch.rand(n, generator=generator, dtype=torch.float64) - 1.0) * min(0.5, 0.2 * s)
+    jitter_on = torch.rand(n, generator=generator) < options.jitter
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
+    blur_on = torch.rand(n, generator=generator) < options.blur
+    sigma = _uniform(n, options.blur_sigma[0], options.blur_sigma[1], generator)
+    return {
+        "crop": draw_crops(n, height, width, options.crop_scale, options.crop_ratio, generator).float(),
+        "flip": torch.rand(n, generator=generator) < options.flip,
+        "jitter": torch.where(jitter_on[:, None], torch.cat([factors, hue[:, None]], 1),
+                              torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)).float(),
+        "order": order,
+        "gray": torch.rand(n, generator=generator) < options.grayscale,
+        "sigma": torch.where(blur_on, sigma, torch.zeros_like(sigma)).float(),
+        "solarize": torch.rand(n, generator=generator) < options.solarize,
+    }
+
+
+def crop_resize_flip(images: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, C, H, W) float -> (n, C, size, size): each image's crop box resized bilinearly, flipped
+    where asked. One affine grid and one grid_sample for the whole batch."""
+    n, _, height, width = images.shape
+    top, left, ch, cw = crop.to(images.device, images.dtype).unbind(1)
+    # grid_sample coordinates run from -1 (first pixel's outer edge) to 1 (last pixel's outer edge)
+    sx, sy = cw / width, ch / height
+    cx = (2 * left + cw) / width - 1
+    cy = (2 * top + ch) / height - 1
+    sx = torch.where(flip.to(images.device), -sx, sx)
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)  # (n, size, size, xy)
+    # clamp to the crop's outer pixel centres, so that nothing outside the box leaks in at its edges:
+    # bilinear resizing of the cut-out crop repeats its edge pixels (as torchvision's crop-then-resize)
+    low = torch.stack([(2 * left + 1) / width, (2 * top + 1) / height], 1) - 1
+    high = torch.stack([(2 * (left + cw) - 1) / width, (2 * (top + ch) - 1) / height], 1) - 1
+    grid = grid.clamp(low[:, None, None], high[:, None, None])
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luminance."""
+    w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    high, low = x.max(1).values, x.min(1).values
+    delta = high - low
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    s = torch.where(high > 0, delta / torch.where(high > 0, high, torch.ones_like(high)), torch.zeros_like(high))
+    return torch.stack([h, s, high], 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)   # (n, 3, H, W)
+    return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation (multiplicative factors) and hue (a shift in turns) per image,
+    applied in each image's own random order, clamped to [0, 1] after each step. A factor of 1 and a
+    shift of 0 leave the image as it is."""
+    jitter, order = jitter.to(x.device, x.dtype), order.to(x.device)
+    for position in range(4):
+        op = order[:, position].view(-1, 1, 1, 1)
+        b, c, s, h = (jitter[:, i].view(-1, 1, 1, 1) for i in range(4))
+        gray = grayscale(x)
+        out = torch.where(op == 0, x * b, x)
+        out = torch.where(op == 1, (x - gray.mean((2, 3), keepdim=True)) * c + gray.mean((2, 3), keepdim=True), out)
+        out = torch.where(op == 2, gray + (x - gray) * s, out)
+        if bool((h != 0).any()):
+            hsv = _rgb_to_hsv(x.clamp(0, 1))
+            shifted = _hsv_to_rgb(torch.cat([(hsv[:, :1] + h) % 1.0, hsv[:, 1:]], 1))
+            out = torch.where(op == 3, shifted, out)
+        x = out.clamp(0, 1)
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur, one sigma per image (0 leaves it unblurred), kernel side about a
+    tenth of the image (odd, at least 3), reflected at the borders."""
+    n, c, height, width = x.shape
+    k = max(3, int(0.1 * min(height, width)) // 2 * 2 + 1)
+    offsets = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    sigma = sigma.to(x.device, x.dtype).view(-1, 1)
+    weights = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-6)) ** 2)
+    weights = torch.where(sigma > 0, weights, (offsets == 0).to(x.dtype).expand_as(weights))
+    weights = weights / weights.sum(1, keepdim=True)                      # (n, k)
+    weights = weights.repeat_interleave(c, 0)                             # (n*c, k)
+    flat = x.reshape(1, n * c, height, width)
+    pad = k // 2
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), weights.view(n * c, 1, 1, k), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), weights.view(n * c, 1, k, 1), groups=n * c)
+    return flat.view(n, c, height, width)
+
+
+def apply_views(images: torch.Tensor, views: dict, size: int, mean=None, std=None) -> torch.Tensor:
+    """uint8 (n, 3, H, W) images and the choices of `draw_views` for n views -> float (n, 3, size,
+    size), normalized with `mean` and `std` when given (else in [0, 1]). Deterministic."""
+    x = images.float() / 255.0
+    x = crop_resize_flip(x, views["crop"], views["flip"], size).clamp(0, 1)
+    jitter = views["jitter"].to(x.device)
+    if bool((jitter != torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device)).any()):
+        x = color_jitter(x, jitter, views["order"])
+    gray = views["gray"].to(x.device).view(-1, 1, 1, 1)
+    if bool(gray.any()):
+        x = torch.where(gray, grayscale(x).expand_as(x), x)
+    if bool((views["sigma"] > 0).any()):
+        x = gaussian_blur(x, views["sigma"])
+    solar = views["solarize"].to(x.device).view(-1, 1, 1, 1)
+    if bool(solar.any()):
+        x = torch.where(solar & (x >= 0.5), 1.0 - x, x)
+    return normalize(x, mean, std)
+
+
+def normalize(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """Per-channel (x - mean) / std for float images in [0, 1]; unchanged when mean is None."""
+    if mean is None:
+        return x
+    mean = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def to_pixels(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """The evaluation view: uint8 (n, 3, S, S) images as they are, scaled to [0, 1] and normalized."""
+    return normalize(images.float() / 255.0, mean, std)

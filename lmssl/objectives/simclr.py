@@ -1,0 +1,141 @@
+"""SimCLR: contrastive learning of two augmented views of every image (Chen et al. 2020, "A Simple
+Framework for Contrastive Learning of Visual Representations", arXiv:2002.05709).
+
+An HF `ViTModel` encodes each view; its CLS token (what ViTForImageClassification classifies)
+goes through a projection MLP; NT-Xent pulls the two views of an image together against every
+other view in the batch, the views of every process included (negatives cross processes through
+an all-gather that carries gradients). Views are drawn in `collate` from the loop's batch seed and
+made on the training device in `loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmssl.collectives import gather_with_grad
+from lmssl.data.views import ViewOptions, apply_views
+from lmssl.errors import RecipeError
+from lmssl.objectives.vision import ImageObjective, batch_generator, flatten_views, views_of
+
+HEAD_FILE = "projection_head.safetensors"
+
+
+@dataclass
+class Options:
+    """Options of the simclr objective (objective_args in a recipe)."""
+
+    temperature: float = 0.2
+    """NT-Xent temperature tau (the paper's table 5: 0.1 to 0.5 depending on batch size; 0.2 suits a few hundred pairs)."""
+    projection_dim: int = 128
+    """Output width of the projection head (the paper's 128)."""
+    projection_hidden: int = 2048
+    """Hidden width of the head's one hidden layer (the paper's: as wide as its ResNet-50 features, 2048)."""
+    views: ViewOptions = field(default_factory=ViewOptions)
+    """How each of the two views is made (defaults: the paper's ImageNet augmentations; CIFAR: strength 0.5, blur 0)."""
+
+    def check(self, where: str) -> None:
+        if not 0.01 <= self.temperature <= 10.0:
+            raise RecipeError(f"{where}.temperature: between 0.01 and 10, got {self.temperature!r}")
+        for key in ("projection_dim", "projection_hidden"):
+            if not 1 <= getattr(self, key) <= 65536:
+                raise RecipeError(f"{where}.{key}: a width between 1 and 65536, got {getattr(self, key)!r}")
+        self.views.check(f"{where}.views")
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent of 2n projections on this process, rows [view 1 of images 0..n-1, view 2 of the same]:
+    the mean over these 2n rows of -log softmax(similarity to its partner) over every other view of
+    every process. z need not be normalized."""
+    z = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)   # (2n, d), fp32 under autocast
+    everyone, offset = gather_with_grad(z)                                 # (2n * world, d)
+    n2 = z.shape[0]
+    logits = z @ everyone.T / temperature                                  # (2n, 2n * world)
+    rows = torch.arange(n2, device=z.device)
+    logits[rows, offset + rows] = float("-inf")                            # a view is not its own negative
+    partner = offset + (rows + n2 // 2) % n2                               # view 1 <-> view 2 of the same image
+    return F.cross_entropy(logits, partner)
+
+
+class ProjectedEncoder(torch.nn.Module):
+    """ViTModel -> CLS token -> projection MLP (Linear, ReLU, Linear): the module SimCLR trains."""
+
+    def __init__(self, backbone, hidden: int, out: int):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.config.hidden_size
+        self.head = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out))
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values=pixel_values).last_hidden_state[:, 0]   # (batch, width)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(pixel_values))                              # (batch, out)
+
+
+class SimCLR(ImageObjective):
+    name = "simclr"
+    stat_names = ("loss", "pair_accuracy")
+    headline = ("loss", "pair_accuracy", "knn_top1")
+    Options = Options
+
+    def build_model(self, model_cfg):
+        from transformers import ViTConfig, ViTModel
+
+        from lmssl.models import build_vit_config
+
+        if model_cfg.init_from:
+            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False)
+        return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
+
+    def training_module(self, model):
+        """The backbone with its projection head; kept, so `save` can write the head beside the backbone."""
+        module = ProjectedEncoder(model, self.options.projection_hidden, self.options.projection_dim)
+        self.trained = module
+        saved = Path(getattr(model, "name_or_path", "") or "") / "pretraining" / HEAD_FILE
+        if saved.is_file():  # continued pretraining from an lmssl simclr folder keeps its head
+            from safetensors.torch import load_file
+
+            heads = load_file(str(saved))
+            if all(module.head.state_dict()[k].shape == v.shape for k, v in heads.items()):
+                module.head.load_state_dict(heads)
+        return module
+
+    def collate(self, examples):
+        images = self.images(examples)                                    # (n, 3, S, S) uint8
+        views = self.draw(2 * len(examples), self.options.views, batch_generator())
+        return {"images": images, **flatten_views(views, "views")}
+
+    def loss(self, module, batch):
+        images = batch["images"]
+        n = images.shape[0]
+        pixels = apply_views(images.repeat(2, 1, 1, 1), views_of(batch, "views"), self.size, self.mean, self.std)
+        z = module(pixels)                                                # (2n, projection_dim)
+        loss = nt_xent(z, self.options.temperature)
+        with torch.no_grad():  # the partner is the nearest of this process's other views
+            zn = F.normalize(z.float(), dim=1)
+            sim = zn @ zn.T
+            sim.fill_diagonal_(float("-inf"))
+            rows = torch.arange(2 * n, device=z.device)
+            hits = (sim.argmax(1) == (rows + n) % (2 * n)).sum()
+        count = float(2 * n)
+        return loss, {"loss": (loss.item() * count, count), "pair_accuracy": (float(hits), count)}
+
+    def encode(self, module, pixel_values):
+        backbone = module.backbone if isinstance(module, ProjectedEncoder) else module
+        return backbone(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+    def backbone(self, model):
+        return model.backbone if isinstance(model, ProjectedEncoder) else model
+
+    def save_pretraining(self, model, folder: Path) -> None:
+        trained = getattr(self, "trained", None)
+        if trained is not None:
+            from safetensors.torch import save_file
+
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in trained.head.state_dict().items()},
+                      str(folder / HEAD_FILE))

@@ -1,0 +1,152 @@
+"""What every image method shares: decoded images from stage.data, an image processor with the
+dataset's normalization, uint8 batches that become views on the training device, CLS-token
+features for the kNN monitor, and a saved `ViTModel` backbone folder that `ViTModel`,
+`ViTForImageClassification` and `AutoImageProcessor` load (no torchvision needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+
+from lmssl.data.views import draw_views, to_pixels
+from lmssl.errors import LmsslError, RecipeError
+from lmssl.models import IMAGE_FAMILIES, vit_input
+from lmssl.objectives.base import BaseObjective, Splits
+
+PRETRAINING_FOLDER = "pretraining"  # beside the backbone: what continued pretraining needs (decoder, head)
+
+
+def image_size_of(model_cfg) -> int:
+    """The side in pixels images are decoded to: the warm start's config, else the recipe's vit size."""
+    if model_cfg.init_from:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise LmsslError(f"model.init_from: cannot read a config from {model_cfg.init_from!r}: "
+                             f"{' '.join(str(err).split())[:300]}") from None
+        size = getattr(config, "image_size", None)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+    return vit_input(model_cfg)[0]
+
+
+def image_processor(size: int, mean, std):
+    """The processor saved beside every vision model: resize to size x size (bilinear), scale to [0, 1],
+    normalize. PIL-based, so it loads and runs without torchvision."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(do_resize=True, size={"height": size, "width": size}, resample=2, do_rescale=True,
+                                rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
+                                image_std=list(std))
+
+
+def flatten_views(views: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """draw_views' choices as flat batch entries `<prefix>.<name>` (the loop moves tensors, not dicts)."""
+    return {f"{prefix}.{k}": v for k, v in views.items()}
+
+
+def views_of(batch: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of flatten_views."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in batch.items() if k.startswith(prefix + ".")}
+
+
+def batch_generator() -> torch.Generator:
+    """A CPU generator for one batch's views and masks, seeded from the RNG the loop seeded for this batch."""
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+
+
+class ImageObjective(BaseObjective):
+    """Image methods on the vit family. Subclasses define build_model, training_module, collate, loss,
+    `encode(module, pixel_values) -> (batch, dim)` and `backbone(model) -> ViTModel`."""
+
+    modality: ClassVar[str] = "image"
+    families: ClassVar[tuple[str, ...]] = IMAGE_FAMILIES
+    pipeline_tag: ClassVar[str] = "image-feature-extraction"
+
+    def __init__(self, options, preprocessor, max_length: Optional[int] = None, seed: int = 0):
+        super().__init__(options, preprocessor, max_length, seed)
+        self.processor = preprocessor
+        self.size = int(preprocessor.size["height"])
+        self.mean, self.std = list(preprocessor.image_mean), list(preprocessor.image_std)
+
+    @classmethod
+    def check(cls, options, stage, where: str) -> None:
+        super().check(options, stage, where)
+        if stage.tokenizer_from is not None:
+            raise RecipeError(f"{where}.tokenizer_from: the {cls.name} objective trains on images and takes no "
+                              "tokenizer; drop the key")
+        if stage.data.path.startswith("builtin:"):
+            from lmssl.data.builtin import BUILTIN
+
+            if stage.data.path.split(":", 1)[1] in BUILTIN:
+                raise RecipeError(f"{where}.data.path: {stage.data.path} is a text corpus; the {cls.name} "
+                                  "objective trains on images (builtin:digits, a folder, a zip, imagefolder, ...)")
+        for key in ("image_mean", "image_std"):
+            value = getattr(stage, key)
+            if value is not None and (len(value) != 3 or (key == "image_std" and min(value) <= 0)):
+                raise RecipeError(f"{where}.{key}: three per-channel numbers (R, G, B){', each > 0' if key == 'image_std' else ''}, "
+                                  f"got {value!r}")
+
+    @classmethod
+    def read(cls, stage, seed: int, where: str) -> Splits:
+        from lmssl.data.images import load_image_splits
+
+        splits = load_image_splits(stage.data, image_size_of(stage.model), seed, where)
+        return Splits(splits.train, splits.eval, splits.metrics, splits.label_names)
+
+    @classmethod
+    def load_preprocessor(cls, stage, train, resolve, where: str):
+        from lmssl.data.images import channel_stats
+
+        mean, std = stage.image_mean, stage.image_std
+        if mean is None or std is None:
+            measured = channel_stats(train)
+            mean, std = mean or measured[0], std or measured[1]
+        return image_processor(image_size_of(stage.model), mean, std)
+
+    def prepare(self, dataset):
+        return dataset
+
+    def check_model(self, model, where: str) -> None:
+        side = getattr(model.config, "image_size", self.size)
+        side = side[0] if isinstance(side, (list, tuple)) else side
+        if int(side) != self.size:
+            raise LmsslError(f"{where}.model: the model takes {side}-pixel images, the data was decoded at {self.size}")
+
+    def images(self, examples: list[dict]) -> torch.Tensor:
+        """uint8 (batch, 3, size, size) from the examples' pixels."""
+        return torch.from_numpy(np.stack([e["pixels"] for e in examples]))
+
+    def draw(self, n: int, options, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The random choices of n views of this data's images."""
+        return draw_views(n, self.size, self.size, options, generator)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The evaluation view: normalized floats of the images as they are."""
+        return to_pixels(images, self.mean, self.std)
+
+    @torch.no_grad()
+    def features(self, module, batch) -> torch.Tensor:
+        return self.encode(module, self.pixels(batch["images"]))
+
+    def save(self, accelerator, model, folder) -> None:
+        """The backbone as a ViTModel folder with this data's image processor; what continued pretraining
+        needs (decoder, projection head) under pretraining/."""
+        from lmssl.hub import save_model
+
+        unwrapped = accelerator.unwrap_model(model)
+        save_model(accelerator, self.backbone(unwrapped), folder)
+        if accelerator.is_main_process:
+            self.processor.save_pretrained(str(folder))
+            self.save_pretraining(unwrapped, Path(folder) / PRETRAINING_FOLDER)
+        accelerator.wait_for_everyone()
+
+    def save_pretraining(self, model, folder: Path) -> None:
+        """Extra state for continued pretraining; none by default."""
+        return None

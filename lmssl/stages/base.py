@@ -1,0 +1,55 @@
+"""What every stage kind is given and gives back. A stage kind is one module in this package with a
+`Config` dataclass (a StageConfig, checked without training) and `run(cfg, ctx) -> StageResult`;
+the stage sees only its own config and the results of earlier stages, through its StageContext."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class StageResult:
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    headline: dict[str, Any] = field(default_factory=dict)
+    """The few metrics the run summary shows for this stage."""
+    report: str = ""
+    """Markdown the stage adds to summary.md (e.g. a results table)."""
+    fingerprint: str = ""
+
+
+@dataclass
+class StageContext:
+    accelerator: Any
+    run_dir: Path
+    outputs: dict[str, StageResult]
+    out_dir: Path
+    """Where this stage writes; renamed to run_dir/<name> when the stage completes."""
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    recipe_raw: dict = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def main_process_first(self):
+        """Tokenize/prepare on the main process first (cached), then the others read the cache."""
+        return self.accelerator.main_process_first()
+
+    def print(self, *args) -> None:
+        self.accelerator.print(*args)
+
+    def resolve(self, reference: Optional[str]) -> Optional[Path | str]:
+        """A *_from value: an earlier stage's folder, else the folder or hub id as given."""
+        if reference is None:
+            return None
+        if reference in self.outputs:
+            return self.outputs[reference].path
+        return reference

@@ -1,0 +1,275 @@
+"""The `probe` stage: how good are a pretrained ViT backbone's features? A linear probe on frozen
+features (computed once; logistic regression solved to convergence) or full fine-tuning through the
+training loop, scored by top-1 on held-out labeled images, with the kNN top-1 of the same features
+beside it, optionally next to the same architecture from random initialization. Each backbone's
+probe saves as a `ViTForImageClassification` folder with its label names and image processor, which
+`pipeline("image-classification")` runs and which predicts exactly what the probe predicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from lmssl.data.views import ViewOptions
+from lmssl.errors import LmsslError, RecipeError
+from lmssl.recipe import DataConfig, TrainingConfig
+
+# Fine-tuning defaults for the fields left unset (None), after MAE's fine-tuning recipe (1e-3 peak,
+# warmup, cosine decay, weight decay 0.05), at a batch that suits small data.
+# What makes two backbones the same architecture (one scratch baseline serves both).
+ARCHITECTURE_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                       "num_attention_heads", "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps")
+FINETUNE_DEFAULTS = dict(learning_rate=1e-3, epochs=20.0, batch_size=64, weight_decay=0.05)
+
+
+@dataclass
+class Config(TrainingConfig):
+    model_from: Union[str, list[str], None] = None
+    """The backbone(s) to probe: pretrain stages, ViT folders or hub ids (one probe each, one table)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="builtin:digits", eval_split="test"))
+    """Labeled images: `split` trains the probe, `eval_split` scores it (else eval_fraction is held out);
+    data.max_samples keeps that many training images (label-efficient probes)."""
+    mode: Literal["linear", "finetune"] = "linear"
+    """linear: a linear classifier on frozen CLS features; finetune: train the whole ViTForImageClassification."""
+    scratch_baseline: bool = False
+    """Also probe the same architecture from random initialization, side by side."""
+    knn_k: int = 20
+    """kNN top-1 beside the probe: neighbours that vote (training images are the bank)."""
+    knn_temperature: float = 0.07
+    """kNN votes weigh exp(cosine similarity / temperature)."""
+    l2: Optional[float] = None
+    """linear: the L2 penalty of the logistic regression; None picks it from 1e-6..1e-1 by accuracy on a
+    seeded tenth of the training features, then refits on all of them."""
+    views: ViewOptions = field(default_factory=lambda: ViewOptions(jitter=0.0, grayscale=0.0, blur=0.0))
+    """finetune: the training augmentation (random resized crop and flip; no color changes)."""
+    learning_rate: Optional[float] = None
+    """finetune: peak learning rate; None: 1e-3."""
+    epochs: Optional[float] = None
+    """finetune: passes over the training images; None: 20."""
+    batch_size: Optional[int] = None
+    """Images per step (finetune) and per feature batch; None: 64."""
+    weight_decay: Optional[float] = None
+    """finetune: AdamW weight decay; None: 0.05 (as MAE)."""
+    warmup_ratio: float = 0.05
+    """5% warmup."""
+    min_lr_ratio: float = 0.0
+    """Decay to zero."""
+    save_every: Optional[int] = None
+    """Probes are short; checkpoint only when interrupted."""
+
+    REFERENCES = {"model_from": ("pretrain",)}
+
+    def check(self, recipe, earlier, where: str) -> None:
+        if not self.backbones:
+            raise RecipeError(f"{where}.model_from: name the backbone(s) to probe (a pretrain stage, folder or hub id)")
+        for name in self.backbones:
+            if name in earlier:
+                from lmssl.objectives import OBJECTIVES
+
+                if OBJECTIVES[earlier[name].objective].modality != "image":
+                    raise RecipeError(f"{where}.model_from: stage {name!r} pretrains a text model; the probe "
+                                      "stage takes ViT backbones")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise RecipeError(f"{where}.model_from: a backbone is named twice: {self.backbones!r}")
+        for key in ("learning_rate", "epochs", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"{where}.{key}: must be positive, got {value!r}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < 10:
+            raise RecipeError(f"{where}.weight_decay: in [0, 10), got {self.weight_decay!r}")
+        if self.l2 is not None and not 0 <= self.l2 <= 100:
+            raise RecipeError(f"{where}.l2: a penalty in [0, 100], got {self.l2!r}")
+        if not 1 <= self.knn_k <= 10_000:
+            raise RecipeError(f"{where}.knn_k: between 1 and 10000, got {self.knn_k!r}")
+        if not 0.001 <= self.knn_temperature <= 100:
+            raise RecipeError(f"{where}.knn_temperature: between 0.001 and 100, got {self.knn_temperature!r}")
+        if self.data.label_column is None:
+            raise RecipeError(f"{where}.data.label_column: a probe needs labels; name the label column")
+        self.views.check(f"{where}.views")
+        self.data.check(f"{where}.data")
+
+    @property
+    def backbones(self) -> list[str]:
+        """model_from as a list."""
+        if self.model_from is None:
+            return []
+        return [self.model_from] if isinstance(self.model_from, str) else list(self.model_from)
+
+
+def _settings(cfg: Config) -> Config:
+    """The config with every unset hyperparameter taken from the fine-tuning defaults."""
+    return dataclasses.replace(cfg, **{k: getattr(cfg, k) if getattr(cfg, k) is not None else v
+                                       for k, v in FINETUNE_DEFAULTS.items()}, eval_every=None)
+
+
+def _load_backbone(source: str, where: str, trust_remote_code: bool = False):
+    """(ViTModel, its image processor or None) from a folder or hub id."""
+    from transformers import ViTModel
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    try:
+        backbone = ViTModel.from_pretrained(str(source), add_pooling_layer=False)
+    except (OSError, ValueError) as err:
+        raise LmsslError(f"{where}.model_from: cannot load a ViT backbone from {str(source)!r}: "
+                         f"{' '.join(str(err).split())[:300]}") from None
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        processor = None
+    return backbone, processor
+
+
+def _scratch(backbone, seed: int):
+    """The same architecture, randomly initialized from `seed`."""
+    from transformers import ViTModel
+
+    from lmssl.rng import seed_all
+
+    seed_all(seed)
+    return ViTModel(backbone.config, add_pooling_layer=False)
+
+
+def _classifier(backbone, label_names: list[str], weight=None, bias=None):
+    """A ViTForImageClassification holding `backbone` (and the given head, if any)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(**{k: v for k, v in backbone.config.to_dict().items() if k not in ("architectures",)})
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {n: i for i, n in enumerate(label_names)}
+    model = ViTForImageClassification(config)
+    model.vit.load_state_dict(backbone.state_dict())
+    if weight is not None:
+        with torch.no_grad():
+            model.classifier.weight.copy_(weight)
+            model.classifier.bias.copy_(bias)
+    return model
+
+
+def _probe_once(cfg: Config, ctx, backbone, processor_stats, splits, run_dir: Path, desc: str) -> tuple[dict, object]:
+    """Probe one backbone: (result row, the ViTForImageClassification it gives)."""
+    import torch
+
+    from lmssl.evaluation import extract_features, knn_accuracy, linear_probe, predict
+    from lmssl.objectives.image_classification import BackboneFeatures, ImageClassification
+    from lmssl.rng import seed_all
+    from lmssl.training import train
+
+    size, mean, std = processor_stats
+    accelerator = ctx.accelerator
+    backbone = backbone.to(accelerator.device)
+    reader = BackboneFeatures(mean, std)
+    batch = 2 * cfg.batch_size
+    train_f, train_y = extract_features(reader, backbone, splits.train, batch, accelerator)
+    test_f, test_y = extract_features(reader, backbone, splits.eval, batch, accelerator)
+    classes = len(splits.label_names)
+    knn = knn_accuracy(train_f, train_y, test_f, test_y, cfg.knn_k, cfg.knn_temperature, classes)
+    extra = {}
+    if cfg.mode == "linear":
+        weight, bias, extra["l2"] = linear_probe(train_f, train_y, classes, cfg.l2, ctx.seed)
+        predicted = (test_f @ weight.T + bias).argmax(1)
+        model = _classifier(backbone.cpu(), splits.label_names, weight, bias)
+    else:
+        seed_all(ctx.seed)
+        model = _classifier(backbone.cpu(), splits.label_names)
+        objective = ImageClassification(size, mean, std, cfg.views)
+        train(objective, model, splits.train, splits.eval, cfg, accelerator, run_dir, run_dir / "checkpoints",
+              ctx.seed, ctx.gradient_accumulation_steps, desc=desc)
+        model = accelerator.unwrap_model(model)
+        predicted = torch.tensor(predict(objective, model, splits.eval, cfg.batch_size, accelerator))
+        model = model.cpu()
+    top1 = float((predicted == test_y).float().mean())
+    return {"knn_top1": knn, "top1": top1, "train_images": len(splits.train), "test_images": len(splits.eval),
+            **extra}, model
+
+
+def _table(rows: list[dict], mode: str) -> list[str]:
+    label = "linear probe" if mode == "linear" else "fine-tuned"
+    table = [f"| backbone | init | kNN top-1 | {label} top-1 |", "|---|---|---|---|"]
+    for row in rows:
+        table.append(f"| {row['backbone']} | {row['init']} | {100 * row['knn_top1']:.1f} | {100 * row['top1']:.1f} |")
+    return table
+
+
+def run(cfg: Config, ctx):
+    from lmssl.data.images import channel_stats, load_image_splits
+    from lmssl.hub import save_model, write_json, write_model_card
+    from lmssl.stages.base import StageResult
+
+    where = f"stages.{cfg.name}"
+    settings = _settings(cfg)
+    rows, metrics, scratch_done = [], {}, {}
+    decoded: dict[int, object] = {}
+    for name in cfg.backbones:
+        backbone, processor = _load_backbone(ctx.resolve(name), where)
+        size = backbone.config.image_size
+        if size not in decoded:
+            with ctx.main_process_first():
+                decoded[size] = load_image_splits(cfg.data, size, ctx.seed, where)
+        splits = decoded[size]
+        if splits.label_names is None:
+            raise LmsslError(f"{where}.data.label_column: the images have no labels "
+                             f"({cfg.data.label_column!r} not found); a probe needs classes")
+        if splits.eval is None or len(splits.eval) == 0:
+            raise LmsslError(f"{where}.data.eval_split: no held-out images to score the probe on; name a test "
+                             "split or set eval_fraction")
+        if processor is not None:
+            mean, std = list(processor.image_mean), list(processor.image_std)
+        else:
+            mean, std = channel_stats(splits.train)
+        label = Path(str(name)).name if name not in ctx.outputs else name
+        candidates = [(label, "pretrained", backbone)]
+        arch = json.dumps({k: getattr(backbone.config, k, None) for k in ARCHITECTURE_FIELDS}, default=str)
+        if cfg.scratch_baseline and arch not in scratch_done:
+            scratch_done[arch] = f"scratch{'' if not scratch_done else '-' + label}"
+            candidates.append((scratch_done[arch], "scratch", _scratch(backbone, ctx.seed)))
+        for row_name, init, model in candidates:
+            run_dir = ctx.out_dir / "runs" / f"{row_name}-{cfg.mode}"
+            done = run_dir / "result.json"
+            if done.exists():  # finished before an interruption
+                row = json.loads(done.read_text(encoding="utf-8"))
+            else:
+                result, classifier = _probe_once(settings, ctx, model, (size, mean, std), splits, run_dir,
+                                                 f"{row_name}/{cfg.mode}")
+                row = {"backbone": row_name, "init": init, "mode": cfg.mode, **result}
+                if init == "pretrained":
+                    folder = ctx.out_dir / row_name
+                    save_model(ctx.accelerator, classifier, folder)
+                    if ctx.is_main:
+                        _save_processor(processor, size, mean, std, folder)
+                        write_model_card(
+                            folder, title=f"{row_name}: {cfg.mode} probe on {cfg.data.path}",
+                            summary=(f"A ViTForImageClassification made by lmssl stage `{cfg.name}`: the backbone "
+                                     f"`{name}` with a {'linear classifier on its frozen CLS features' if cfg.mode == 'linear' else 'fine-tuned head and body'}, "
+                                     f"{len(splits.label_names)} classes; top-1 {100 * row['top1']:.1f} on "
+                                     f"{row['test_images']} held-out images."),
+                            recipe_raw=ctx.recipe_raw, stage_name=cfg.name,
+                            metrics={"top1": row["top1"], "knn_top1": row["knn_top1"]},
+                            pipeline_tag="image-classification", tags=("image-classification", cfg.mode))
+                if ctx.is_main:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    write_json(done, row)
+                ctx.accelerator.wait_for_everyone()
+            rows.append(row)
+            metrics[f"{row_name}/top1"] = row["top1"]
+            metrics[f"{row_name}/knn_top1"] = row["knn_top1"]
+    table = _table(rows, cfg.mode)
+    if ctx.is_main:
+        write_json(ctx.out_dir / "results.json", {"results": rows, "metrics": metrics})
+        (ctx.out_dir / "results.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    test_images = rows[0]["test_images"] if rows else 0
+    report = (f"## {cfg.name}: {cfg.mode} probe, top-1 on {test_images} held-out images of {cfg.data.path} (x100)\n\n"
+              + "\n".join(table) + "\n")
+    return StageResult(ctx.out_dir, metrics, headline=dict(metrics), report=report)
+
+
+def _save_processor(processor, size: int, mean, std, folder: Path) -> None:
+    """The backbone's image processor beside the probe (or one made from the data's statistics)."""
+    from lmssl.objectives.vision import image_processor
+
+    (processor or image_processor(size, mean, std)).save_pretrained(str(folder))
