@@ -258,7 +258,7 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, k: int = 20, temperat
                  num_classes: Optional[int] = None) -> float:
     """Top-1 accuracy of knn_predict on labeled queries."""
     predicted = knn_predict(bank, bank_labels, queries, k, temperature, num_classes)
-    return float((predicted == query_labels.long()).float().mean())
+    return float((predicted == query_labels.long()).double().mean())
 
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # penalties tried on held-out training features ("auto")

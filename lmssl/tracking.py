@@ -30,7 +30,7 @@ class Tracker:
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, desc: str):
         self.out_dir = Path(out_dir)
-        self.enabled = enabled
+        self.enabled, self.desc = enabled, desc
         self.units = 0
         self.unit_name = "tokens"
         self.window_start = time.perf_counter()
@@ -60,6 +60,8 @@ class Tracker:
         if now - self.window_start >= 2.0:
             self.rate = self.window_units / (now - self.window_start)
             self.window_start, self.window_units = now, 0
+        elif self.rate == 0.0 and now > self.window_start:  # the first seconds: the rate so far
+            self.rate = self.window_units / (now - self.window_start)
         self.bar.update(1)
         if self.enabled:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{self.unit_name}/s": f"{self.rate:,.0f}"},
@@ -85,7 +87,7 @@ class Tracker:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
-            plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+            plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png", self.desc)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -94,11 +96,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_file: Path, out_png: Path) -> Optional[Path]:
-    """Training and evaluation loss against step, one PNG per training stage."""
+def plot_losses(metrics_file: Path, out_png: Path, title: Optional[str] = None) -> Optional[Path]:
+    """Training and evaluation loss against step (and the kNN monitor's top-1, when there is one),
+    one PNG per training stage."""
     records = read_metrics(metrics_file)
     train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
     evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    knn = [(r["step"], 100 * r["eval/knn_top1"]) for r in records if "eval/knn_top1" in r]
     if not train and not evals:
         return None
     import matplotlib
@@ -113,9 +117,16 @@ def plot_losses(metrics_file: Path, out_png: Path) -> Optional[Path]:
         ax.plot(*zip(*evals), "o-", label="eval", markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(out_png.parent.name)
+    ax.set_title(title or out_png.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if knn:  # image pretraining: the kNN monitor on its own axis
+        right = ax.twinx()
+        right.plot(*zip(*knn), "s--", color="tab:green", label="kNN top-1 (%)", markersize=3)
+        right.set_ylabel("kNN top-1 (%)")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

@@ -236,3 +236,37 @@ def test_view_options_in_objective_args_are_checked():
         SimCLROptions(temperature=0.0).check("stages.s.objective_args")
     with pytest.raises(RecipeError, match=r"mask_ratio"):
         MaeOptions(mask_ratio=1.0).check("stages.m.objective_args")
+
+
+# --------------------------------------------------------------------------- warm starts
+
+def test_warm_starts_continue_what_an_lmssl_folder_or_a_vit_folder_holds(tmp_path):
+    from accelerate import Accelerator
+    from transformers import ViTConfig, ViTModel
+
+    accelerator = Accelerator(cpu=True)
+    objective = mae_objective()
+    first = objective.build_model(ModelConfig(family="vit", size="tiny"))
+    with torch.no_grad():
+        first.decoder.decoder_pred.bias.fill_(0.25)                        # something a fresh model lacks
+    objective.save(accelerator, first, tmp_path / "mae")
+    again = mae_objective().build_model(ModelConfig(family="vit", init_from=str(tmp_path / "mae")))
+    assert torch.equal(again.decoder.decoder_pred.bias, first.decoder.decoder_pred.bias)   # decoder continues
+    assert torch.equal(again.vit.layers[1].mlp.fc2.weight, first.vit.layers[1].mlp.fc2.weight)
+
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=128), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "vit")
+    from_vit = mae_objective().build_model(ModelConfig(family="vit", init_from=str(tmp_path / "vit")))
+    assert torch.equal(from_vit.vit.layers[0].attention.q_proj.weight, vit.layers[0].attention.q_proj.weight)
+    assert from_vit.decoder.decoder_pos_embed.abs().sum() > 0                   # a fresh decoder, MAE-initialized
+
+    simclr = SimCLR(SimCLROptions(projection_hidden=32), image_processor(32, [0.5] * 3, [0.25] * 3))
+    module = simclr.training_module(simclr.build_model(ModelConfig(family="vit", size="tiny")))
+    with torch.no_grad():
+        module.head[0].bias.fill_(0.5)
+    simclr.save(accelerator, module.backbone, tmp_path / "simclr")
+    resumed = SimCLR(SimCLROptions(projection_hidden=32), image_processor(32, [0.5] * 3, [0.25] * 3))
+    head = resumed.training_module(resumed.build_model(ModelConfig(family="vit", init_from=str(tmp_path / "simclr"))))
+    assert torch.equal(head.head[0].bias, module.head[0].bias)                   # the projection head continues
+    assert torch.equal(head.backbone.embeddings.cls_token, module.backbone.embeddings.cls_token)

@@ -166,23 +166,33 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
+def _jitter_op(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """One color-jitter step on images x (m, 3, H, W) with per-image factors (m, 1, 1, 1)."""
+    if op == 0:                                                   # brightness: blend with black
+        return x * factor
+    gray = grayscale(x)
+    if op == 1:                                                   # contrast: blend with the mean gray
+        mean = gray.mean((2, 3), keepdim=True)
+        return (x - mean) * factor + mean
+    if op == 2:                                                   # saturation: blend with the gray image
+        return gray + (x - gray) * factor
+    hsv = _rgb_to_hsv(x.clamp(0, 1))                              # hue: rotate, in turns
+    return _hsv_to_rgb(torch.cat([(hsv[:, :1] + factor) % 1.0, hsv[:, 1:]], 1))
+
+
 def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation (multiplicative factors) and hue (a shift in turns) per image,
     applied in each image's own random order, clamped to [0, 1] after each step. A factor of 1 and a
-    shift of 0 leave the image as it is."""
+    shift of 0 leave the image as it is. Each step runs only on the images whose turn it is, and only
+    images with a jitter at all are touched."""
     jitter, order = jitter.to(x.device, x.dtype), order.to(x.device)
+    active = (jitter != torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)).any(1)
+    x = x.clone()
     for position in range(4):
-        op = order[:, position].view(-1, 1, 1, 1)
-        b, c, s, h = (jitter[:, i].view(-1, 1, 1, 1) for i in range(4))
-        gray = grayscale(x)
-        out = torch.where(op == 0, x * b, x)
-        out = torch.where(op == 1, (x - gray.mean((2, 3), keepdim=True)) * c + gray.mean((2, 3), keepdim=True), out)
-        out = torch.where(op == 2, gray + (x - gray) * s, out)
-        if bool((h != 0).any()):
-            hsv = _rgb_to_hsv(x.clamp(0, 1))
-            shifted = _hsv_to_rgb(torch.cat([(hsv[:, :1] + h) % 1.0, hsv[:, 1:]], 1))
-            out = torch.where(op == 3, shifted, out)
-        x = out.clamp(0, 1)
+        for op in range(4):
+            rows = (active & (order[:, position] == op)).nonzero().squeeze(1)
+            if rows.numel():
+                x[rows] = _jitter_op(op, x[rows], jitter[rows, op].view(-1, 1, 1, 1)).clamp(0, 1)
     return x
 
 

@@ -35,6 +35,19 @@ def image_size_of(model_cfg) -> int:
     return vit_input(model_cfg)[0]
 
 
+def _processor_stats(model_cfg) -> Optional[tuple[list[float], list[float]]]:
+    """(mean, std) of the image processor saved with a warm start, or None when it has none."""
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_cfg.init_from,
+                                                       trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    return (list(mean), list(std)) if mean is not None and std is not None else None
+
+
 def image_processor(size: int, mean, std):
     """The processor saved beside every vision model: resize to size x size (bilinear), scale to [0, 1],
     normalize. PIL-based, so it loads and runs without torchvision."""
@@ -98,13 +111,20 @@ class ImageObjective(BaseObjective):
         from lmssl.data.images import load_image_splits
 
         splits = load_image_splits(stage.data, image_size_of(stage.model), seed, where)
-        return Splits(splits.train, splits.eval, splits.metrics, splits.label_names)
+        held = splits.eval
+        if held is not None:  # folders list images class by class: any prefix (eval_batches) should be a sample
+            held = held.shuffle(seed=seed)
+        return Splits(splits.train, held, splits.metrics, splits.label_names)
 
     @classmethod
     def load_preprocessor(cls, stage, train, resolve, where: str):
         from lmssl.data.images import channel_stats
 
         mean, std = stage.image_mean, stage.image_std
+        if (mean is None or std is None) and stage.model.init_from:  # a warm start keeps its normalization
+            inherited = _processor_stats(stage.model)
+            if inherited is not None:
+                mean, std = mean or inherited[0], std or inherited[1]
         if mean is None or std is None:
             measured = channel_stats(train)
             mean, std = mean or measured[0], std or measured[1]

@@ -98,9 +98,11 @@ def _knn_monitor(cfg: Config, ctx, objective, model, splits, where: str):
         ctx.print(f"[{cfg.name}] no kNN monitor: it needs labeled images and held-out ones "
                   "(data.label_column and data.eval_split, or knn.data)")
         return None
+    # seeded subsets, not the first rows: folders and zips list their images class by class
     if len(bank) > cfg.knn.bank_size:
         bank = bank.shuffle(seed=ctx.seed).select(range(cfg.knn.bank_size))
-    queries = queries.select(range(min(len(queries), cfg.knn.max_queries)))
+    if len(queries) > cfg.knn.max_queries:
+        queries = queries.shuffle(seed=ctx.seed + 1).select(range(cfg.knn.max_queries))
     batch = 2 * cfg.batch_size
 
     def monitor(step: int) -> dict[str, float]:

@@ -183,9 +183,24 @@ def _probe_once(cfg: Config, ctx, backbone, processor_stats, splits, run_dir: Pa
         model = accelerator.unwrap_model(model)
         predicted = torch.tensor(predict(objective, model, splits.eval, cfg.batch_size, accelerator))
         model = model.cpu()
-    top1 = float((predicted == test_y).float().mean())
+    top1 = float((predicted == test_y).double().mean())
     return {"knn_top1": knn, "top1": top1, "train_images": len(splits.train), "test_images": len(splits.eval),
             **extra}, model
+
+
+def _labels(backbones: list[str], stages) -> dict[str, str]:
+    """A short, distinct row name (and folder name) per backbone: the stage name, else the folder's
+    name, else as much of its path as tells it apart."""
+    labels = {}
+    for name in backbones:
+        parts = Path(str(name)).parts
+        depth = 1
+        label = name if name in stages else "-".join(parts[-depth:])
+        while name not in stages and label in labels.values() and depth < len(parts):
+            depth += 1
+            label = "-".join(parts[-depth:]).lstrip("/") or label
+        labels[name] = label.replace("/", "-")
+    return labels
 
 
 def _table(rows: list[dict], mode: str) -> list[str]:
@@ -205,6 +220,7 @@ def run(cfg: Config, ctx):
     settings = _settings(cfg)
     rows, metrics, scratch_done = [], {}, {}
     decoded: dict[int, object] = {}
+    labels = _labels(cfg.backbones, ctx.outputs)
     for name in cfg.backbones:
         backbone, processor = _load_backbone(ctx.resolve(name), where)
         size = backbone.config.image_size
@@ -222,7 +238,7 @@ def run(cfg: Config, ctx):
             mean, std = list(processor.image_mean), list(processor.image_std)
         else:
             mean, std = channel_stats(splits.train)
-        label = Path(str(name)).name if name not in ctx.outputs else name
+        label = labels[name]
         candidates = [(label, "pretrained", backbone)]
         arch = json.dumps({k: getattr(backbone.config, k, None) for k in ARCHITECTURE_FIELDS}, default=str)
         if cfg.scratch_baseline and arch not in scratch_done:
