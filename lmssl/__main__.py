@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--max-bytes", type=int, default=2_000_000, help="read at most this many bytes of text")
 
     fields = sub.add_parser("fields", help="list the fields of a stage kind (or the recipe) with their docs")
-    fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune; omit for the recipe's top level")
+    fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune, probe; omit for the recipe's top level")
     return parser
 
 

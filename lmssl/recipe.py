@@ -13,6 +13,7 @@ import glob
 import inspect
 import os
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class StageConfig:
     name: str = ""
     """The stage's name: its output folder under the run directory and how later stages refer to it."""
     kind: str = ""
-    """The stage kind: tokenizer, pretrain, finetune."""
+    """The stage kind: tokenizer, pretrain, finetune, probe."""
 
     # Which stage kinds each *_from field may name; a value that is no stage name is a folder or hub id.
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -202,10 +203,7 @@ class Recipe:
     """The recipe as loaded, after --set overrides (written into stage.json and model cards)."""
 
     def stage(self, name: str) -> StageConfig:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise KeyError(name)
+        return {stage.name: stage for stage in self.stages}[name]  # KeyError for an unknown name
 
 
 # --------------------------------------------------------------------------- typed parsing
@@ -217,7 +215,7 @@ def field_docs(cls: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            tree = ast.parse(_dedented_source(klass))
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
@@ -227,12 +225,6 @@ def field_docs(cls: type) -> dict[str, str]:
                     if isinstance(nxt.value.value, str):
                         docs[node.target.id] = nxt.value.value.strip()
     return docs
-
-
-def _dedented_source(cls: type) -> str:
-    import textwrap
-
-    return textwrap.dedent(inspect.getsource(cls))
 
 
 def _type_name(tp: Any) -> str:
@@ -302,26 +294,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
+        number = _number(value) if isinstance(value, (float, str)) else None
+        if number is not None and number.is_integer():
+            return int(number)
         raise RecipeError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value) if isinstance(value, (int, float, str)) else None  # YAML 1.1 reads 1e-4 as a string
+        if number is not None:
+            return number
         raise RecipeError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -330,6 +312,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(value, tp):
         return value
     raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _number(value) -> Optional[float]:
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def unknown_key_error(key: str, valid: list[str], where: str) -> RecipeError:
