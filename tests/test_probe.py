@@ -137,6 +137,29 @@ def test_finetune_mode_trains_the_whole_classifier_and_the_knn_monitor_is_logged
     assert [step for step, _ in knn] == [10, 20] and all(0.1 < v <= 1 for _, v in knn)
     assert (tmp_path / "run" / "mae" / "loss.png").stat().st_size > 1000
     assert "eval/knn_top1" in outputs["mae"].headline
+    # the monitor's last figure, by brute force from the saved backbone: every training image votes
+    from lmssl.data.images import load_image_splits
+    from lmssl.recipe import DataConfig
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    splits = load_image_splits(DataConfig(path="builtin:digits", eval_split="test"), 16, 0, "t")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "run" / "mae")
+
+    def features(data):
+        rows = data[:]
+        pixels = processor(images=[p.transpose(1, 2, 0) for p in rows["pixels"]], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return pretrained.eval()(pixel_values=pixels).last_hidden_state[:, 0], torch.tensor(rows["label"])
+
+    (bank, bank_labels), (queries, labels) = features(splits.train), features(splits.eval)
+    bank = torch.nn.functional.normalize(bank, dim=1)
+    hits = 0
+    for query, label in zip(torch.nn.functional.normalize(queries, dim=1), labels):
+        similarity = bank @ query
+        top = similarity.argsort(descending=True)[:20]
+        votes = torch.zeros(10).index_add_(0, bank_labels[top], (similarity[top] / 0.07).exp())
+        hits += int(votes.argmax() == label)
+    assert hits / len(labels) == pytest.approx(knn[-1][1], abs=1.5 / len(labels))
 
 
 def test_probe_of_a_text_model_and_of_unlabeled_images_are_clear_errors(tmp_path):
