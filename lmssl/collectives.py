@@ -45,4 +45,10 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     size, rank = world()
     if size == 1:
         return tensor, 0
+    rows = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.empty_like(rows) for _ in range(size)]
+    dist.all_gather(counts, rows)
+    if len({int(c) for c in counts}) != 1:
+        raise RuntimeError(f"gather_with_grad: processes passed {[int(c) for c in counts]} rows; every process "
+                           "must pass the same number (full batches)")
     return _GatherWithGrad.apply(tensor), rank * tensor.shape[0]

@@ -5,13 +5,19 @@ Downstream metrics (GLUE) and the kNN classifier of self-supervised vision live 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from lmssl.rng import seed_all
+
+
+def _rows(data, start: int, stop: int) -> list[dict]:
+    """Rows start..stop of a Dataset (or anything sliced into a dict of columns) as a list of examples."""
+    rows = data[start:stop]
+    return [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
 
 
 @torch.no_grad()
@@ -31,8 +37,7 @@ def evaluate_objective(objective, module, data, batch_size: int, accelerator, se
     sums: dict[str, list[float]] = {}
     for i in range(rank, n_batches, world):
         seed_all(seed * 31 + i + 99991)
-        rows = data[i * batch_size:(i + 1) * batch_size]
-        examples = [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
+        examples = _rows(data, i * batch_size, (i + 1) * batch_size)
         batch = objective.collate(examples)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
@@ -173,8 +178,7 @@ def predict(objective, module, data, batch_size: int, accelerator) -> list:
     module.eval()
     mine: list[tuple[int, list]] = []
     for i in range(rank, n_batches, world):
-        rows = data[i * batch_size:(i + 1) * batch_size]
-        examples = [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
+        examples = _rows(data, i * batch_size, (i + 1) * batch_size)
         batch = objective.collate(examples)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
@@ -204,15 +208,12 @@ def metric_module(name: str, config_name: Optional[str] = None):
 
 # --------------------------------------------------------------------------- features and kNN
 
-def _rows(data, start: int, stop: int) -> list[dict]:
-    rows = data[start:stop]
-    return [{c: rows[c][j] for c in rows} for j in range(len(next(iter(rows.values()))))]
-
-
 @torch.no_grad()
-def extract_features(objective, module, data, batch_size: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(objective, module, data, batch_size: int, accelerator,
+                     autocast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (n, dim) float32 on the CPU, labels (n,)) of every row of `data`, in order: the
-    objective's `features` of each batch's evaluation view, batches sharded over processes."""
+    objective's `features` of each collated batch, batches sharded over processes. autocast=False
+    keeps fp32 under a mixed-precision run (a probe's features must be what the saved model sees)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n_batches = (len(data) + batch_size - 1) // batch_size
     was_training = module.training
@@ -220,11 +221,10 @@ def extract_features(objective, module, data, batch_size: int, accelerator) -> t
     mine: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for i in range(rank, n_batches, world):
         examples = _rows(data, i * batch_size, (i + 1) * batch_size)
-        images = torch.from_numpy(np.stack([e["pixels"] for e in examples])).to(accelerator.device)
-        with accelerator.autocast():
-            out = objective.features(module, {"images": images})
-        labels = torch.tensor([int(e["label"]) for e in examples])
-        mine.append((i, out.float().cpu(), labels))
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in objective.collate(examples).items()}
+        with accelerator.autocast() if autocast else contextlib.nullcontext():
+            out = objective.features(module, batch)
+        mine.append((i, out.float().cpu(), torch.tensor([int(e["label"]) for e in examples])))
     module.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object

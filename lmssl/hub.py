@@ -9,7 +9,7 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -26,15 +26,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def save_model(accelerator, model, folder: Path, tokenizer=None) -> None:
-    """Weights as safetensors plus config (and tokenizer), from the main process only."""
+def save_model(accelerator, model, folder: Path, preprocessor=None,
+               extra: Optional[Callable[[Path], None]] = None) -> None:
+    """Weights as safetensors plus config (and the tokenizer or image processor), from the main process
+    only; `extra(folder)` then writes anything else the folder should hold, on the main process too."""
     folder = Path(folder)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(folder)
+        if extra is not None:
+            extra(folder)
     accelerator.wait_for_everyone()
 
 

@@ -32,6 +32,11 @@ VIT_SIZES = {
     "vit-b": dict(hidden=768, layers=12, heads=12, intermediate=3072),
 }
 VIT_INPUT = {"vit-ti": (224, 16), "vit-s": (224, 16), "vit-b": (224, 16)}  # (image_size, patch_size)
+# What makes two ViT encoders the same architecture; with the training-time fields, what a ViTConfig and a
+# ViTMAEConfig share (an MAE encoder saves as a ViTModel of the same shape).
+VIT_SHAPE = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps")
+VIT_FIELDS = VIT_SHAPE + ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
 CIFAR_INPUT = (32, 4)
 FAMILIES = ("bert", "roberta", "gpt2", "llama", "vit")
 MASKED_FAMILIES = ("bert", "roberta")
@@ -92,6 +97,15 @@ def check_model(cfg: ModelConfig, where: str) -> None:
         if hidden % 4 or hidden % cfg.overrides.get("num_attention_heads", heads):
             raise RecipeError(f"{where}.overrides.hidden_size: {hidden} must be a multiple of 4 and of the number "
                               "of attention heads (fixed 2-D sine-cosine positions use a quarter each)")
+
+
+def warm_start_overrides(cfg: ModelConfig) -> dict[str, Any]:
+    """Config fields a warm start takes from the recipe (from_pretrained keyword arguments): overrides, and
+    the dropout as the family names it."""
+    fields = dict(cfg.overrides)
+    if cfg.dropout is not None and cfg.family in IMAGE_FAMILIES:
+        fields.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    return fields
 
 
 def vit_input(cfg: ModelConfig) -> tuple[int, int]:

@@ -23,11 +23,6 @@ def batch_key(seed: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + micro * 7_919 + rank * 104_729 + 17) % 2**32
 
 
-def generator(key: int) -> torch.Generator:
-    """A CPU generator of its own for one batch's draws (views, masks), seeded from `key`."""
-    return torch.Generator().manual_seed(key % 2**63)
-
-
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, as plain JSON."""
     py = random.getstate()

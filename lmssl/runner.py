@@ -37,9 +37,13 @@ def _folder_fingerprint(path: Path) -> str:
 
 
 def _patterns(value: Any, under_data_key: bool = False) -> list[str]:
-    """Every string found under a `files`, `data_dir` or `glue_dir` key, at any depth of a config."""
+    """Every string found under a `files`, `data_dir` or `glue_dir` key, at any depth of a config, and
+    every `path` that is a local file or folder (image folders and zips are read from data.path)."""
     if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _patterns(v, under_data_key or k in ("files", "data_dir", "glue_dir"))]
+        local = [v for k, v in value.items() if k == "path" and isinstance(v, str) and not v.startswith("builtin:")
+                 and Path(v).expanduser().exists()]
+        return local + [p for k, v in value.items()
+                        for p in _patterns(v, under_data_key or k in ("files", "data_dir", "glue_dir"))]
     if isinstance(value, list):
         return [p for v in value for p in _patterns(v, under_data_key)]
     return [value] if under_data_key and isinstance(value, str) else []

@@ -272,6 +272,7 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     tracker.log(step, last_eval)
     history.append({"step": step, **last_eval})
     tracker.close()
+    accelerator.free_memory()  # the Accelerator forgets this model and optimizer: stages train several in turn
     train_losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = dict(last_eval)
     if train_losses:

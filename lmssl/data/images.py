@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported where used, so that importing this module (and lms
 FORMAT = 1  # bump when decoding or the cached layout changes, so cached images are rebuilt
 IMAGE_EXTENSIONS = frozenset("jpg jpeg png bmp gif webp tif tiff ppm pgm pbm".split())
 PIXELS_PER_BATCH = 50_000_000  # decode ~50 MB of pixels per map batch: 1,000 CIFAR images, 330 at 224 px
+MIN_STD = 1 / 255  # the smallest per-channel std channel_stats reports
 IGNORED = "__MACOSX"  # macOS zip metadata; hidden (dot) files and folders are ignored too
 
 
@@ -466,4 +467,16 @@ def channel_stats(dataset, max_images: int = 10_000) -> tuple[list[float], list[
         squares += np.square(pixels).sum(axis=(0, 2, 3))
         count += pixels.shape[0] * pixels.shape[2] * pixels.shape[3]
     mean = total / count
-    return mean.tolist(), np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)).tolist()
+    # a channel that never varies (all-black blue, say) would divide by zero: one gray level at least
+    return mean.tolist(), np.maximum(np.sqrt(np.maximum(squares / count - mean ** 2, 0.0)), MIN_STD).tolist()
+
+
+def labeled(dataset):
+    """(the rows with a label, how many had none): unlabeled rows (-1) cannot vote in kNN or train a probe."""
+    import numpy as np
+
+    labels = np.asarray(dataset.with_format("numpy", dtype=None)[:]["label"])
+    keep = np.nonzero(labels >= 0)[0]
+    if len(keep) == len(labels):
+        return dataset, 0
+    return dataset.select(keep.tolist()), int(len(labels) - len(keep))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L") and torchvision's rgb_to_grayscale
+NO_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors and hue shift that change nothing
 
 
 @dataclass
@@ -114,7 +115,7 @@ def draw_views(n: int, height: int, width: int, options: ViewOptions, generator:
         "crop": draw_crops(n, height, width, options.crop_scale, options.crop_ratio, generator).float(),
         "flip": torch.rand(n, generator=generator) < options.flip,
         "jitter": torch.where(jitter_on[:, None], torch.cat([factors, hue[:, None]], 1),
-                              torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)).float(),
+                              torch.tensor(NO_JITTER, dtype=torch.float64)).float(),
         "order": order,
         "gray": torch.rand(n, generator=generator) < options.grayscale,
         "sigma": torch.where(blur_on, sigma, torch.zeros_like(sigma)).float(),
@@ -186,7 +187,7 @@ def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> 
     shift of 0 leave the image as it is. Each step runs only on the images whose turn it is, and only
     images with a jitter at all are touched."""
     jitter, order = jitter.to(x.device, x.dtype), order.to(x.device)
-    active = (jitter != torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)).any(1)
+    active = (jitter != torch.tensor(NO_JITTER, device=x.device, dtype=x.dtype)).any(1)
     x = x.clone()
     for position in range(4):
         for op in range(4):
@@ -220,7 +221,7 @@ def apply_views(images: torch.Tensor, views: dict, size: int, mean=None, std=Non
     x = images.float() / 255.0
     x = crop_resize_flip(x, views["crop"], views["flip"], size).clamp(0, 1)
     jitter = views["jitter"].to(x.device)
-    if bool((jitter != torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device)).any()):
+    if bool((jitter != torch.tensor(NO_JITTER, device=x.device)).any()):
         x = color_jitter(x, jitter, views["order"])
     gray = views["gray"].to(x.device).view(-1, 1, 1, 1)
     if bool(gray.any()):

@@ -57,6 +57,8 @@ class Objective(Protocol):
     """The Hub pipeline the saved folder serves (fill-mask, text-generation, image-feature-extraction)."""
     reports_perplexity: ClassVar[bool]
     """Whether evaluation adds exp(loss) as perplexity."""
+    unused_fields: ClassVar[tuple[str, ...]]
+    """Pretrain-stage fields (a.b for nested ones) this method has no use for: writing one is a recipe error."""
 
     @classmethod
     def check(cls, options, stage, where: str) -> None:
@@ -81,7 +83,8 @@ class Objective(Protocol):
         """Errors the built model reveals (sequences beyond its positions, images of another size)."""
 
     def training_module(self, model) -> torch.nn.Module:
-        """The module the loop trains and checkpoints: the model, or the model wrapped with heads."""
+        """The module the loop trains and checkpoints: the model, or the model wrapped with heads (a method
+        may keep it, to save its heads beside the model: SimCLR's projection head)."""
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """One batch: padding, masks, views. The loop has seeded every RNG for this batch."""
@@ -100,6 +103,7 @@ class BaseObjective:
     """Defaults shared by every method: option checks, the model as its own training module, no features."""
 
     reports_perplexity: ClassVar[bool] = False
+    unused_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options, preprocessor, max_length: Optional[int] = None, seed: int = 0):
         """`max_length`: tokens per sequence (text; image methods take their size from the processor);
@@ -129,6 +133,7 @@ class TextObjective(BaseObjective):
     sequences of stage.max_length tokens, the model saved with its tokenizer."""
 
     modality: ClassVar[str] = "text"
+    unused_fields: ClassVar[tuple[str, ...]] = ("image_mean", "image_std", "knn", "data.image_column")
 
     def __init__(self, options, preprocessor, max_length: Optional[int] = 128, seed: int = 0):
         super().__init__(options, preprocessor, max_length, seed)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmssl.data.views import ViewOptions, apply_views, draw_views, to_pixels
-from lmssl.objectives.vision import batch_generator, flatten_views, views_of
+from lmssl.objectives.vision import batch_generator, flatten_views, stack_images, views_of
 
 
 class BackboneFeatures:
@@ -20,6 +19,9 @@ class BackboneFeatures:
 
     def __init__(self, mean, std):
         self.mean, self.std = list(mean), list(std)
+
+    def collate(self, examples):
+        return {"images": stack_images(examples)}
 
     @torch.no_grad()
     def features(self, module, batch) -> torch.Tensor:
@@ -41,7 +43,7 @@ class ImageClassification:
         return model
 
     def collate(self, examples):
-        images = torch.from_numpy(np.stack([e["pixels"] for e in examples]))
+        images = stack_images(examples)
         views = draw_views(len(examples), self.size, self.size, self.views, batch_generator())
         return {"images": images, "labels": torch.tensor([int(e["label"]) for e in examples]),
                 **flatten_views(views, "views")}

@@ -22,13 +22,10 @@ import torch
 
 from lmssl.data.views import ViewOptions, apply_views
 from lmssl.errors import RecipeError
-from lmssl.models import sincos_positions
-from lmssl.objectives.vision import PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views, views_of
+from lmssl.models import VIT_FIELDS, sincos_positions, warm_start_overrides
+from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views,
+                                    stack_images, views_of)
 
-# ViTConfig fields a ViTMAEConfig shares: the encoder saves as a ViTModel of the same shape.
-ENCODER_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                  "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
-                  "attention_probs_dropout_prob", "layer_norm_eps", "qkv_bias", "initializer_range")
 
 
 @dataclass
@@ -40,11 +37,14 @@ class Options:
     norm_pix_loss: bool = True
     """Predict each patch's pixels normalized by that patch's mean and std (the paper: better features)."""
     decoder_width: Optional[int] = None
-    """Decoder hidden size; None: half the encoder's, at least 64 (the paper: 512 beside ViT-L's 1024)."""
-    decoder_depth: int = 4
-    """Decoder blocks (the paper's 8 helps linear probing, 1 suffices for fine-tuning)."""
+    """Decoder hidden size, a multiple of 4; None: half the encoder's, at least 64 (the paper: 512 beside
+    ViT-L's 1024), or a warm-started MAE's own."""
+    decoder_depth: Optional[int] = None
+    """Decoder blocks; None: 4, or a warm-started MAE's own (the paper's 8 helps linear probing, 1 suffices
+    for fine-tuning)."""
     decoder_heads: Optional[int] = None
-    """Decoder attention heads; None: one per 32 channels of decoder width (the paper's 16 at 512)."""
+    """Decoder attention heads, dividing the width; None: one per 32 channels of width (the paper's 16 at
+    512), or a warm-started MAE's own."""
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     """Random resized crop: range of the crop's share of the image (the paper's 0.2 to 1)."""
     flip: float = 0.5
@@ -53,9 +53,10 @@ class Options:
     def check(self, where: str) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise RecipeError(f"{where}.mask_ratio: a share in (0, 1), got {self.mask_ratio!r}")
-        if self.decoder_width is not None and not 8 <= self.decoder_width <= 8192:
-            raise RecipeError(f"{where}.decoder_width: between 8 and 8192, got {self.decoder_width!r}")
-        if not 1 <= self.decoder_depth <= 64:
+        if self.decoder_width is not None and not (8 <= self.decoder_width <= 8192 and self.decoder_width % 4 == 0):
+            raise RecipeError(f"{where}.decoder_width: a multiple of 4 between 8 and 8192 (sine-cosine positions "
+                              f"take a quarter each for sin/cos of row and column), got {self.decoder_width!r}")
+        if self.decoder_depth is not None and not 1 <= self.decoder_depth <= 64:
             raise RecipeError(f"{where}.decoder_depth: between 1 and 64 blocks, got {self.decoder_depth!r}")
         width, heads = self.decoder_width, self.decoder_heads
         if heads is not None and (heads < 1 or (width is not None and width % heads)):
@@ -63,14 +64,22 @@ class Options:
         ViewOptions(crop_scale=self.crop_scale, flip=self.flip).check(where)
 
 
-def decoder_shape(options: Options, width: int) -> tuple[int, int]:
-    """(decoder width, heads) for an encoder of `width` channels."""
-    decoder = options.decoder_width or max(64, width // 2)
-    decoder -= decoder % 4  # sine-cosine positions use a quarter of the width each for sin/cos of row/column
-    heads = options.decoder_heads or max(1, decoder // 32)
-    while decoder % heads:
-        heads -= 1
-    return decoder, heads
+DEFAULT_DECODER_DEPTH = 4
+
+
+def decoder_shape(options: Options, width: int, where: str = "objective_args") -> tuple[int, int, int]:
+    """(decoder width, depth, heads) for an encoder of `width` channels: the options', or derived ones."""
+    from lmssl.errors import LmsslError
+
+    decoder = options.decoder_width or max(64, width // 2 // 4 * 4)   # sine-cosine positions want a multiple of 4
+    if options.decoder_heads is not None:
+        if decoder % options.decoder_heads:
+            raise LmsslError(f"{where}.decoder_heads: {options.decoder_heads} heads do not divide the decoder "
+                             f"width {decoder}; pick a divisor or set decoder_width")
+        heads = options.decoder_heads
+    else:
+        heads = max(h for h in range(1, max(1, decoder // 32) + 1) if decoder % h == 0)
+    return decoder, options.decoder_depth or DEFAULT_DECODER_DEPTH, heads
 
 
 def mae_initialize(model) -> None:
@@ -130,14 +139,21 @@ class MaskedAutoencoder(ImageObjective):
             if (source / PRETRAINING_FOLDER / "config.json").is_file():  # an lmssl mae folder: decoder included
                 source = source / PRETRAINING_FOLDER
             config = AutoConfig.from_pretrained(str(source), trust_remote_code=model_cfg.trust_remote_code)
-            if config.model_type == "vit_mae":
-                model = ViTMAEForPreTraining.from_pretrained(str(source))
-                model.config.mask_ratio, model.config.norm_pix_loss = options.mask_ratio, options.norm_pix_loss
+            fields = warm_start_overrides(model_cfg)
+            if config.model_type == "vit_mae":  # decoder included: it continues as it was
+                saved = (config.decoder_hidden_size, config.decoder_num_hidden_layers,
+                         config.decoder_num_attention_heads)
+                for key, asked, kept in zip(("decoder_width", "decoder_depth", "decoder_heads"),
+                                            (options.decoder_width, options.decoder_depth, options.decoder_heads), saved):
+                    if asked is not None and asked != kept:
+                        raise LmsslError(f"objective_args.{key}: the warm start {model_cfg.init_from!r} has a decoder "
+                                         f"of {key.split('_')[1]} {kept}; drop the key to continue it")
+                model = ViTMAEForPreTraining.from_pretrained(str(source), mask_ratio=options.mask_ratio,
+                                                             norm_pix_loss=options.norm_pix_loss, **fields)
                 return model
-            width, heads = decoder_shape(options, config.hidden_size)
-            mae_config = ViTMAEConfig(**{k: getattr(config, k) for k in ENCODER_FIELDS if hasattr(config, k)},
-                                      **self._decoder_fields(width, heads))
-            model = ViTMAEForPreTraining(mae_config)
+            width, depth, heads = decoder_shape(options, config.hidden_size)
+            encoder = {k: getattr(config, k) for k in VIT_FIELDS if hasattr(config, k)}
+            model = ViTMAEForPreTraining(ViTMAEConfig(**{**encoder, **fields}, **self._decoder_fields(width, depth, heads)))
             mae_initialize(model)
             encoder = ViTModel.from_pretrained(str(source), add_pooling_layer=False)
             missing, _ = model.vit.load_state_dict(encoder.state_dict(), strict=False)  # same names as ViTMAEModel
@@ -146,18 +162,20 @@ class MaskedAutoencoder(ImageObjective):
                                  f"(missing {', '.join(missing[:3])})")
             return model
         hidden = build_vit_config(model_cfg, ViTMAEConfig).hidden_size
-        width, heads = decoder_shape(options, hidden)
-        model = ViTMAEForPreTraining(build_vit_config(model_cfg, ViTMAEConfig, **self._decoder_fields(width, heads)))
+        width, depth, heads = decoder_shape(options, hidden)
+        model = ViTMAEForPreTraining(build_vit_config(model_cfg, ViTMAEConfig,
+                                                      **self._decoder_fields(width, depth, heads)))
         mae_initialize(model)
         return model
 
-    def _decoder_fields(self, width: int, heads: int) -> dict:
-        return dict(decoder_hidden_size=width, decoder_num_hidden_layers=self.options.decoder_depth,
-                    decoder_num_attention_heads=heads, decoder_intermediate_size=4 * width,
-                    mask_ratio=self.options.mask_ratio, norm_pix_loss=self.options.norm_pix_loss)
+    def _decoder_fields(self, width: int, depth: int, heads: int) -> dict:
+        return dict(decoder_hidden_size=width, decoder_num_hidden_layers=depth, decoder_num_attention_heads=heads,
+                    decoder_intermediate_size=4 * width, mask_ratio=self.options.mask_ratio,
+                    norm_pix_loss=self.options.norm_pix_loss)
 
     def collate(self, examples):
-        images = self.images(examples)                                     # (n, 3, S, S) uint8
+        """Images, their crops, and the noise whose argsort masks patches (build_model fixed the patch grid)."""
+        images = stack_images(examples)                                     # (n, 3, S, S) uint8
         generator = batch_generator()
         crops = ViewOptions(crop_scale=self.options.crop_scale, flip=self.options.flip, jitter=0.0,
                             grayscale=0.0, blur=0.0)
@@ -185,7 +203,7 @@ class MaskedAutoencoder(ImageObjective):
     def backbone(self, model):
         from transformers import ViTConfig, ViTModel
 
-        config = ViTConfig(**{k: getattr(model.config, k) for k in ENCODER_FIELDS if hasattr(model.config, k)})
+        config = ViTConfig(**{k: getattr(model.config, k) for k in VIT_FIELDS if hasattr(model.config, k)})
         encoder = ViTModel(config, add_pooling_layer=False)
         encoder.load_state_dict(model.vit.state_dict())            # ViTMAEModel and ViTModel share every name
         return encoder.to(next(model.parameters()).device)

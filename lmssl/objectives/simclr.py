@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from lmssl.collectives import gather_with_grad
 from lmssl.data.views import ViewOptions, apply_views
 from lmssl.errors import RecipeError
-from lmssl.objectives.vision import ImageObjective, batch_generator, flatten_views, views_of
+from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views,
+                                    stack_images, views_of)
 
 HEAD_FILE = "projection_head.safetensors"
 
@@ -48,16 +49,19 @@ class Options:
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent of 2n projections on this process, rows [view 1 of images 0..n-1, view 2 of the same]:
-    the mean over these 2n rows of -log softmax(similarity to its partner) over every other view of
-    every process. z need not be normalized."""
-    z = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)   # (2n, d), fp32 under autocast
-    everyone, offset = gather_with_grad(z)                                 # (2n * world, d)
-    n2 = z.shape[0]
-    logits = z @ everyone.T / temperature                                  # (2n, 2n * world)
-    rows = torch.arange(n2, device=z.device)
-    logits[rows, offset + rows] = float("-inf")                            # a view is not its own negative
-    partner = offset + (rows + n2 // 2) % n2                               # view 1 <-> view 2 of the same image
-    return F.cross_entropy(logits, partner)
+    the mean over these 2n rows of -log softmax(similarity to its partner) over every other view.
+    While training (gradients on), the other views of every process count too; in evaluation (no
+    gradients, batches sharded over processes) a batch's own views, so the figure does not depend on
+    the number of processes. Computed in fp32 (fp64 stays fp64), outside autocast."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)   # (2n, d)
+        everyone, offset = gather_with_grad(z) if torch.is_grad_enabled() else (z, 0)   # (2n * world, d)
+        n2 = z.shape[0]
+        logits = z @ everyone.T / temperature                                  # (2n, 2n * world)
+        rows = torch.arange(n2, device=z.device)
+        logits[rows, offset + rows] = float("-inf")                            # a view is not its own negative
+        partner = offset + (rows + n2 // 2) % n2                               # view 1 <-> view 2 of one image
+        return F.cross_entropy(logits, partner)
 
 
 class ProjectedEncoder(torch.nn.Module):
@@ -85,27 +89,37 @@ class SimCLR(ImageObjective):
     def build_model(self, model_cfg):
         from transformers import ViTConfig, ViTModel
 
-        from lmssl.models import build_vit_config
+        from lmssl.models import build_vit_config, warm_start_overrides
 
+        self.init_from = model_cfg.init_from
         if model_cfg.init_from:
-            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False)
+            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False,
+                                            **warm_start_overrides(model_cfg))
         return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
 
     def training_module(self, model):
-        """The backbone with its projection head; kept, so `save` can write the head beside the backbone."""
+        """The backbone with its projection head (continued from an lmssl simclr folder's head when
+        build_model warm-started from one). Kept, so `save` writes the head beside the backbone."""
+        import warnings
+
         module = ProjectedEncoder(model, self.options.projection_hidden, self.options.projection_dim)
         self.trained = module
-        saved = Path(getattr(model, "name_or_path", "") or "") / "pretraining" / HEAD_FILE
-        if saved.is_file():  # continued pretraining from an lmssl simclr folder keeps its head
+        init_from = getattr(self, "init_from", None)                     # set by build_model
+        saved = Path(init_from) / PRETRAINING_FOLDER / HEAD_FILE if init_from else None
+        if saved is not None and saved.is_file():
             from safetensors.torch import load_file
 
             heads = load_file(str(saved))
-            if all(module.head.state_dict()[k].shape == v.shape for k, v in heads.items()):
+            own = module.head.state_dict()
+            if heads.keys() == own.keys() and all(own[k].shape == v.shape for k, v in heads.items()):
                 module.head.load_state_dict(heads)
+            else:
+                warnings.warn(f"{saved}: the projection head there has other shapes than projection_hidden/"
+                              "projection_dim ask for; training a fresh head", stacklevel=2)
         return module
 
     def collate(self, examples):
-        images = self.images(examples)                                    # (n, 3, S, S) uint8
+        images = stack_images(examples)                                    # (n, 3, S, S) uint8
         views = self.draw(2 * len(examples), self.options.views, batch_generator())
         return {"images": images, **flatten_views(views, "views")}
 
@@ -115,7 +129,7 @@ class SimCLR(ImageObjective):
         pixels = apply_views(images.repeat(2, 1, 1, 1), views_of(batch, "views"), self.size, self.mean, self.std)
         z = module(pixels)                                                # (2n, projection_dim)
         loss = nt_xent(z, self.options.temperature)
-        with torch.no_grad():  # the partner is the nearest of this process's other views
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # is the partner the nearest view?
             zn = F.normalize(z.float(), dim=1)
             sim = zn @ zn.T
             sim.fill_diagonal_(float("-inf"))

@@ -20,28 +20,42 @@ from lmssl.objectives.base import BaseObjective, Splits
 PRETRAINING_FOLDER = "pretraining"  # beside the backbone: what continued pretraining needs (decoder, head)
 
 
+VIT_TYPES = ("vit", "vit_mae")  # configs whose encoder is a ViTModel
+
+
+def side(value) -> int:
+    """An image_size that may be a number or a (height, width) pair, as a side in pixels."""
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def warm_start_config(model_cfg, where: str = "model"):
+    """The warm start's config; an error naming model.init_from unless it is a ViT or ViT-MAE."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise LmsslError(f"{where}.init_from: cannot read a config from {model_cfg.init_from!r}: "
+                         f"{' '.join(str(err).split())[:300]}") from None
+    if config.model_type not in VIT_TYPES:
+        raise LmsslError(f"{where}.init_from: {model_cfg.init_from!r} holds a {config.model_type} model; image "
+                         f"objectives continue {' or '.join(VIT_TYPES)} models")
+    return config
+
+
 def image_size_of(model_cfg) -> int:
     """The side in pixels images are decoded to: the warm start's config, else the recipe's vit size."""
     if model_cfg.init_from:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise LmsslError(f"model.init_from: cannot read a config from {model_cfg.init_from!r}: "
-                             f"{' '.join(str(err).split())[:300]}") from None
-        size = getattr(config, "image_size", None)
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
+        return side(warm_start_config(model_cfg).image_size)
     return vit_input(model_cfg)[0]
 
 
-def _processor_stats(model_cfg) -> Optional[tuple[list[float], list[float]]]:
-    """(mean, std) of the image processor saved with a warm start, or None when it has none."""
+def processor_stats(source, trust_remote_code: bool = False) -> Optional[tuple[list[float], list[float]]]:
+    """(mean, std) of the image processor saved with a model folder or hub id, or None when it has none."""
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     try:
-        processor = AutoImageProcessor.from_pretrained(model_cfg.init_from,
-                                                       trust_remote_code=model_cfg.trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
@@ -56,6 +70,11 @@ def image_processor(size: int, mean, std):
     return ViTImageProcessorPil(do_resize=True, size={"height": size, "width": size}, resample=2, do_rescale=True,
                                 rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
                                 image_std=list(std))
+
+
+def stack_images(examples: list[dict]) -> torch.Tensor:
+    """uint8 (batch, 3, size, size) from decoded examples' pixels."""
+    return torch.from_numpy(np.stack([e["pixels"] for e in examples]))
 
 
 def flatten_views(views: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -81,6 +100,8 @@ class ImageObjective(BaseObjective):
     modality: ClassVar[str] = "image"
     families: ClassVar[tuple[str, ...]] = IMAGE_FAMILIES
     pipeline_tag: ClassVar[str] = "image-feature-extraction"
+    unused_fields: ClassVar[tuple[str, ...]] = ("tokenizer_from", "documents", "max_length", "data.column",
+                                                "data.max_chars", "data.encoding")
 
     def __init__(self, options, preprocessor, max_length: Optional[int] = None, seed: int = 0):
         super().__init__(options, preprocessor, max_length, seed)
@@ -91,15 +112,22 @@ class ImageObjective(BaseObjective):
     @classmethod
     def check(cls, options, stage, where: str) -> None:
         super().check(options, stage, where)
-        if stage.tokenizer_from is not None:
-            raise RecipeError(f"{where}.tokenizer_from: the {cls.name} objective trains on images and takes no "
-                              "tokenizer; drop the key")
         if stage.data.path.startswith("builtin:"):
             from lmssl.data.builtin import BUILTIN
 
             if stage.data.path.split(":", 1)[1] in BUILTIN:
                 raise RecipeError(f"{where}.data.path: {stage.data.path} is a text corpus; the {cls.name} "
                                   "objective trains on images (builtin:digits, a folder, a zip, imagefolder, ...)")
+        if stage.model.init_from:
+            for key in ("image_size", "patch_size"):
+                if getattr(stage.model, key) is not None:
+                    raise RecipeError(f"{where}.model.{key}: a warm start keeps the {key} of model.init_from; "
+                                      "drop the key")
+            if Path(stage.model.init_from).expanduser().is_dir():  # local folders are checked before anything runs
+                try:
+                    warm_start_config(stage.model, f"{where}.model")
+                except LmsslError as err:
+                    raise RecipeError(str(err)) from None
         for key in ("image_mean", "image_std"):
             value = getattr(stage, key)
             if value is not None and (len(value) != 3 or (key == "image_std" and min(value) <= 0)):
@@ -122,7 +150,7 @@ class ImageObjective(BaseObjective):
 
         mean, std = stage.image_mean, stage.image_std
         if (mean is None or std is None) and stage.model.init_from:  # a warm start keeps its normalization
-            inherited = _processor_stats(stage.model)
+            inherited = processor_stats(stage.model.init_from, stage.model.trust_remote_code)
             if inherited is not None:
                 mean, std = mean or inherited[0], std or inherited[1]
         if mean is None or std is None:
@@ -134,14 +162,9 @@ class ImageObjective(BaseObjective):
         return dataset
 
     def check_model(self, model, where: str) -> None:
-        side = getattr(model.config, "image_size", self.size)
-        side = side[0] if isinstance(side, (list, tuple)) else side
-        if int(side) != self.size:
-            raise LmsslError(f"{where}.model: the model takes {side}-pixel images, the data was decoded at {self.size}")
-
-    def images(self, examples: list[dict]) -> torch.Tensor:
-        """uint8 (batch, 3, size, size) from the examples' pixels."""
-        return torch.from_numpy(np.stack([e["pixels"] for e in examples]))
+        pixels = side(getattr(model.config, "image_size", self.size))
+        if pixels != self.size:
+            raise LmsslError(f"{where}.model: the model takes {pixels}-pixel images, the data was decoded at {self.size}")
 
     def draw(self, n: int, options, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The random choices of n views of this data's images."""
@@ -160,12 +183,8 @@ class ImageObjective(BaseObjective):
         needs (decoder, projection head) under pretraining/."""
         from lmssl.hub import save_model
 
-        unwrapped = accelerator.unwrap_model(model)
-        save_model(accelerator, self.backbone(unwrapped), folder)
-        if accelerator.is_main_process:
-            self.processor.save_pretrained(str(folder))
-            self.save_pretraining(unwrapped, Path(folder) / PRETRAINING_FOLDER)
-        accelerator.wait_for_everyone()
+        save_model(accelerator, self.backbone(model), folder, self.processor,
+                   extra=lambda out: self.save_pretraining(model, Path(out) / PRETRAINING_FOLDER))
 
     def save_pretraining(self, model, folder: Path) -> None:
         """Extra state for continued pretraining; none by default."""

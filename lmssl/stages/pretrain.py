@@ -73,6 +73,13 @@ class Config(TrainingConfig):
             raise RecipeError(f"{where}.objective: unknown objective {self.objective!r}; known: {', '.join(OBJECTIVES)}")
         objective = OBJECTIVES[self.objective]
         options = parse_dataclass(objective.Options, self.objective_args, f"{where}.objective_args")
+        written = next((s for s in recipe.raw.get("stages", []) if isinstance(s, dict)
+                        and s.get("name", s.get("kind")) == self.name), {})
+        for key in objective.unused_fields:  # a field the method would ignore is a mistake, not a no-op
+            head, _, tail = key.partition(".")
+            if head in written and (not tail or (isinstance(written[head], dict) and tail in written[head])):
+                raise RecipeError(f"{where}.{key}: the {self.objective} objective ({objective.modality}) does not use "
+                                  "this field; drop it")
         check_model(self.model, f"{where}.model")
         objective.check(options, self, where)
         if objective.modality == "text":
@@ -83,18 +90,20 @@ class Config(TrainingConfig):
 
 def _knn_monitor(cfg: Config, ctx, objective, model, splits, where: str):
     """on_eval for the loop: kNN top-1 of the held-out images, or None (with a notice) without labels."""
-    from lmssl.data.images import load_image_splits
+    from lmssl.data.images import labeled, load_image_splits
     from lmssl.evaluation import extract_features, knn_accuracy
 
     if not cfg.knn.enabled:
         return None
     if cfg.knn.data is not None:
         with ctx.main_process_first():
-            labeled = load_image_splits(cfg.knn.data, objective.size, ctx.seed, f"{where}.knn")
-        bank, queries, names = labeled.train, labeled.eval, labeled.label_names
+            own = load_image_splits(cfg.knn.data, objective.size, ctx.seed, f"{where}.knn")
+        bank, queries, names = own.train, own.eval, own.label_names
     else:
         bank, queries, names = splits.train, splits.eval, splits.label_names
-    if names is None or queries is None or len(queries) == 0:
+    if names is not None and queries is not None:
+        (bank, _), (queries, _) = labeled(bank), labeled(queries)   # rows without a label (-1) cannot vote
+    if names is None or queries is None or len(queries) == 0 or len(bank) == 0:
         ctx.print(f"[{cfg.name}] no kNN monitor: it needs labeled images and held-out ones "
                   "(data.label_column and data.eval_split, or knn.data)")
         return None

@@ -16,13 +16,11 @@ from typing import Literal, Optional, Union
 
 from lmssl.data.views import ViewOptions
 from lmssl.errors import LmsslError, RecipeError
+from lmssl.models import VIT_SHAPE
 from lmssl.recipe import DataConfig, TrainingConfig
 
 # Fine-tuning defaults for the fields left unset (None), after MAE's fine-tuning recipe (1e-3 peak,
 # warmup, cosine decay, weight decay 0.05), at a batch that suits small data.
-# What makes two backbones the same architecture (one scratch baseline serves both).
-ARCHITECTURE_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                       "num_attention_heads", "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps")
 FINETUNE_DEFAULTS = dict(learning_rate=1e-3, epochs=20.0, batch_size=64, weight_decay=0.05)
 
 
@@ -51,7 +49,7 @@ class Config(TrainingConfig):
     epochs: Optional[float] = None
     """finetune: passes over the training images; None: 20."""
     batch_size: Optional[int] = None
-    """Images per step (finetune) and per feature batch; None: 64."""
+    """Images per step (finetune); features are computed in batches of twice as many. None: 64."""
     weight_decay: Optional[float] = None
     """finetune: AdamW weight decay; None: 0.05 (as MAE)."""
     warmup_ratio: float = 0.05
@@ -106,21 +104,35 @@ def _settings(cfg: Config) -> Config:
                                        for k, v in FINETUNE_DEFAULTS.items()}, eval_every=None)
 
 
-def _load_backbone(source: str, where: str, trust_remote_code: bool = False):
-    """(ViTModel, its image processor or None) from a folder or hub id."""
+def _load_backbone(source: str, where: str):
+    """A ViTModel from a folder or hub id."""
     from transformers import ViTModel
-    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     try:
-        backbone = ViTModel.from_pretrained(str(source), add_pooling_layer=False)
+        return ViTModel.from_pretrained(str(source), add_pooling_layer=False)
     except (OSError, ValueError) as err:
         raise LmsslError(f"{where}.model_from: cannot load a ViT backbone from {str(source)!r}: "
                          f"{' '.join(str(err).split())[:300]}") from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        processor = None
-    return backbone, processor
+
+
+def _labeled_splits(cfg: Config, size: int, ctx, where: str):
+    """The probe's images at `size`, labeled rows only: (splits, how many unlabeled rows were dropped)."""
+    from lmssl.data.images import labeled, load_image_splits
+
+    with ctx.main_process_first():
+        splits = load_image_splits(cfg.data, size, ctx.seed, where)
+    if splits.label_names is None:
+        raise LmsslError(f"{where}.data.label_column: the images have no labels "
+                         f"({cfg.data.label_column!r} not found); a probe needs classes")
+    if splits.eval is None or len(splits.eval) == 0:
+        raise LmsslError(f"{where}.data.eval_split: no held-out images to score the probe on; name a test "
+                         "split or set eval_fraction")
+    splits.train, dropped_train = labeled(splits.train)
+    splits.eval, dropped_eval = labeled(splits.eval)
+    if len(splits.train) == 0 or len(splits.eval) == 0:
+        raise LmsslError(f"{where}.data: no labeled {'training' if len(splits.train) == 0 else 'held-out'} "
+                         "images (every label is missing, -1)")
+    return splits, dropped_train + dropped_eval
 
 
 def _scratch(backbone, seed: int):
@@ -165,8 +177,9 @@ def _probe_once(cfg: Config, ctx, backbone, processor_stats, splits, run_dir: Pa
     backbone = backbone.to(accelerator.device)
     reader = BackboneFeatures(mean, std)
     batch = 2 * cfg.batch_size
-    train_f, train_y = extract_features(reader, backbone, splits.train, batch, accelerator)
-    test_f, test_y = extract_features(reader, backbone, splits.eval, batch, accelerator)
+    # fp32 features even under mixed precision: the saved classifier must predict what the probe scored
+    train_f, train_y = extract_features(reader, backbone, splits.train, batch, accelerator, autocast=False)
+    test_f, test_y = extract_features(reader, backbone, splits.eval, batch, accelerator, autocast=False)
     classes = len(splits.label_names)
     knn = knn_accuracy(train_f, train_y, test_f, test_y, cfg.knn_k, cfg.knn_temperature, classes)
     extra = {}
@@ -212,37 +225,29 @@ def _table(rows: list[dict], mode: str) -> list[str]:
 
 
 def run(cfg: Config, ctx):
-    from lmssl.data.images import channel_stats, load_image_splits
-    from lmssl.hub import save_model, write_json, write_model_card
+    from lmssl.data.images import channel_stats
+    from lmssl.hub import write_json
+    from lmssl.objectives.vision import image_processor, processor_stats
     from lmssl.stages.base import StageResult
 
     where = f"stages.{cfg.name}"
     settings = _settings(cfg)
     rows, metrics, scratch_done = [], {}, {}
-    decoded: dict[int, object] = {}
+    decoded: dict[int, tuple] = {}
     labels = _labels(cfg.backbones, ctx.outputs)
     for name in cfg.backbones:
-        backbone, processor = _load_backbone(ctx.resolve(name), where)
+        backbone = _load_backbone(ctx.resolve(name), where)
         size = backbone.config.image_size
         if size not in decoded:
-            with ctx.main_process_first():
-                decoded[size] = load_image_splits(cfg.data, size, ctx.seed, where)
-        splits = decoded[size]
-        if splits.label_names is None:
-            raise LmsslError(f"{where}.data.label_column: the images have no labels "
-                             f"({cfg.data.label_column!r} not found); a probe needs classes")
-        if splits.eval is None or len(splits.eval) == 0:
-            raise LmsslError(f"{where}.data.eval_split: no held-out images to score the probe on; name a test "
-                             "split or set eval_fraction")
-        if processor is not None:
-            mean, std = list(processor.image_mean), list(processor.image_std)
-        else:
-            mean, std = channel_stats(splits.train)
-        label = labels[name]
-        candidates = [(label, "pretrained", backbone)]
-        arch = json.dumps({k: getattr(backbone.config, k, None) for k in ARCHITECTURE_FIELDS}, default=str)
+            decoded[size] = _labeled_splits(cfg, size, ctx, where)
+        splits, unlabeled = decoded[size]
+        if unlabeled:
+            metrics["data/skipped_unlabeled"] = float(unlabeled)
+        mean, std = processor_stats(ctx.resolve(name)) or channel_stats(splits.train)
+        candidates = [(labels[name], "pretrained", backbone)]
+        arch = json.dumps({k: getattr(backbone.config, k, None) for k in VIT_SHAPE}, default=str)
         if cfg.scratch_baseline and arch not in scratch_done:
-            scratch_done[arch] = f"scratch{'' if not scratch_done else '-' + label}"
+            scratch_done[arch] = f"scratch{'' if not scratch_done else '-' + labels[name]}"
             candidates.append((scratch_done[arch], "scratch", _scratch(backbone, ctx.seed)))
         for row_name, init, model in candidates:
             run_dir = ctx.out_dir / "runs" / f"{row_name}-{cfg.mode}"
@@ -254,19 +259,7 @@ def run(cfg: Config, ctx):
                                                  f"{row_name}/{cfg.mode}")
                 row = {"backbone": row_name, "init": init, "mode": cfg.mode, **result}
                 if init == "pretrained":
-                    folder = ctx.out_dir / row_name
-                    save_model(ctx.accelerator, classifier, folder)
-                    if ctx.is_main:
-                        _save_processor(processor, size, mean, std, folder)
-                        write_model_card(
-                            folder, title=f"{row_name}: {cfg.mode} probe on {cfg.data.path}",
-                            summary=(f"A ViTForImageClassification made by lmssl stage `{cfg.name}`: the backbone "
-                                     f"`{name}` with a {'linear classifier on its frozen CLS features' if cfg.mode == 'linear' else 'fine-tuned head and body'}, "
-                                     f"{len(splits.label_names)} classes; top-1 {100 * row['top1']:.1f} on "
-                                     f"{row['test_images']} held-out images."),
-                            recipe_raw=ctx.recipe_raw, stage_name=cfg.name,
-                            metrics={"top1": row["top1"], "knn_top1": row["knn_top1"]},
-                            pipeline_tag="image-classification", tags=("image-classification", cfg.mode))
+                    _save_probe(ctx, cfg, name, row, classifier, image_processor(size, mean, std), splits)
                 if ctx.is_main:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     write_json(done, row)
@@ -284,8 +277,19 @@ def run(cfg: Config, ctx):
     return StageResult(ctx.out_dir, metrics, headline=dict(metrics), report=report)
 
 
-def _save_processor(processor, size: int, mean, std, folder: Path) -> None:
-    """The backbone's image processor beside the probe (or one made from the data's statistics)."""
-    from lmssl.objectives.vision import image_processor
+def _save_probe(ctx, cfg: Config, source: str, row: dict, classifier, processor, splits) -> None:
+    """The probe's ViTForImageClassification with its image processor (at the model's own size) and a card."""
+    from lmssl.hub import save_model, write_model_card
 
-    (processor or image_processor(size, mean, std)).save_pretrained(str(folder))
+    folder = ctx.out_dir / row["backbone"]
+    save_model(ctx.accelerator, classifier, folder, processor)
+    if ctx.is_main:
+        head = ("a linear classifier on its frozen CLS features" if cfg.mode == "linear"
+                else "its whole network fine-tuned with a new head")
+        write_model_card(
+            folder, title=f"{row['backbone']}: {cfg.mode} probe on {cfg.data.path}",
+            summary=(f"A ViTForImageClassification made by lmssl stage `{cfg.name}`: the backbone `{source}` with "
+                     f"{head}, {len(splits.label_names)} classes; top-1 {100 * row['top1']:.1f} on "
+                     f"{row['test_images']} held-out images."),
+            recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics={"top1": row["top1"], "knn_top1": row["knn_top1"]},
+            pipeline_tag="image-classification", tags=("image-classification", cfg.mode))
