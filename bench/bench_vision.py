@@ -100,7 +100,8 @@ def lmssl_run(method: str, data, args, out: Path) -> float:
 
     from lmssl.objectives import OBJECTIVES
     from lmssl.objectives.vision import image_processor
-    from lmssl.recipe import TrainingConfig, parse_dataclass
+    from lmssl.recipe import TrainingConfig
+    from lmssl.schema import parse_dataclass
     from lmssl.training import train
 
     cls = OBJECTIVES[method]

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 def _fields(kind: Optional[str]) -> int:
     import dataclasses
 
-    from lmssl.recipe import Recipe, field_docs
+    from lmssl.recipe import Recipe
+    from lmssl.schema import field_docs
     from lmssl.stages import STAGES
 
     if kind and kind not in STAGES:

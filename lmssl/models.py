@@ -200,6 +200,14 @@ def max_positions_of(config) -> Optional[int]:
     return None
 
 
+def fit_tokenizer(tokenizer, model) -> None:
+    """Make the tokenizer say how many tokens its model takes (model_max_length = the model's positions),
+    so clients that truncate (pipelines with truncation=True) never feed it more."""
+    limit = max_positions_of(model.config)
+    if limit is not None:
+        tokenizer.model_max_length = limit
+
+
 def check_positions(cfg: ModelConfig, max_length: int, where: str) -> None:
     """A recipe error when sequences of max_length tokens would not fit the model's positions:
     a warm start's config (local folders only, read offline) or a positions override."""

@@ -1,21 +1,16 @@
 """Recipes: YAML into strict dataclasses, `--set` overrides, and the checks `lmssl validate` runs.
 
 Stage-kind configs live beside their stage (stages/<kind>.py); this module holds what they share
-(StageConfig, DataConfig, TrainingConfig) and the machinery that fills them. Nothing here trains.
+(StageConfig, DataConfig, TrainingConfig) and loads recipes; schema.py fills dataclasses from
+mappings. Nothing here trains.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import difflib
 import glob
-import inspect
 import os
 import re
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -23,6 +18,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 
 from lmssl.errors import RecipeError
+from lmssl.schema import parse_dataclass
 
 LOADER_BUILDERS = ("text", "csv", "json", "parquet", "arrow", "imagefolder", "webdataset")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -153,8 +149,9 @@ class TrainingConfig(StageConfig):
     """Share of the steps spent warming up linearly from zero (6% as in RoBERTa)."""
     warmup_steps: Optional[int] = None
     """Warmup in steps; overrides warmup_ratio when set."""
-    min_lr_ratio: float = 0.1
-    """Cosine decays to this share of the peak (~lr/10, Chinchilla)."""
+    min_lr_ratio: float = 0.0
+    """Linear and cosine decay alike end at this share of the peak: 0 as in BERT, RoBERTa and the HF Trainer
+    (0.1 is the lr/10 floor of Chinchilla-style cosine runs)."""
     max_steps: Optional[int] = None
     """Optimizer steps to train; when None, `epochs` decides."""
     epochs: float = 1.0
@@ -177,6 +174,23 @@ class TrainingConfig(StageConfig):
     """A non-finite loss skips the step; this many in a row stop the run with an error."""
     num_workers: int = 0
     """DataLoader worker processes (0 collates in the training process; fine for tokenized text)."""
+    defaults: Literal["lmssl", "trainer"] = "lmssl"
+    """The defaults of the optimization fields left unset: lmssl's (above, each with its reason) or the HF
+    Trainer's (TrainingArguments: lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay, no warmup, linear decay
+    to 0, 3 epochs of batch 8), for a setup ported from the Trainer."""
+
+    def fill_defaults(self, written: set[str]) -> None:
+        """Called by the parser with the keys the recipe wrote: `defaults: trainer` fills the others."""
+        if self.defaults == "trainer":
+            for key, value in TRAINER_DEFAULTS.items():
+                if key not in written:
+                    setattr(self, key, list(value) if isinstance(value, list) else value)
+
+
+# transformers.TrainingArguments' defaults (5.x), for the fields lmssl's loop shares with it.
+TRAINER_DEFAULTS = {"learning_rate": 5e-5, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8,
+                    "max_grad_norm": 1.0, "schedule": "linear", "warmup_ratio": 0.0, "warmup_steps": None,
+                    "min_lr_ratio": 0.0, "epochs": 3.0, "batch_size": 8}
 
 
 @dataclass
@@ -204,142 +218,6 @@ class Recipe:
 
     def stage(self, name: str) -> StageConfig:
         return {stage.name: stage for stage in self.stages}[name]  # KeyError for an unknown name
-
-
-# --------------------------------------------------------------------------- typed parsing
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written on the line after each dataclass field, for this class and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                    if isinstance(nxt.value.value, str):
-                        docs[node.target.id] = nxt.value.value.strip()
-    return docs
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        non_null = [a for a in args if a is not type(None)]
-        if len(non_null) == 1:  # Optional[X]: say what X expected
-            return _coerce(value, non_null[0], where)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except RecipeError:
-                continue
-        raise RecipeError(f"{where}: {value!r} is not {_type_name(tp)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        args = typing.get_args(tp)
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return parse_dataclass(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        number = _number(value) if isinstance(value, (float, str)) else None
-        if number is not None and number.is_integer():
-            return int(number)
-        raise RecipeError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        number = _number(value) if isinstance(value, (int, float, str)) else None  # YAML 1.1 reads 1e-4 as a string
-        if number is not None:
-            return number
-        raise RecipeError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RecipeError(f"{where}: expected a string, got {value!r}")
-    if isinstance(value, tp):
-        return value
-    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _number(value) -> Optional[float]:
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def unknown_key_error(key: str, valid: list[str], where: str) -> RecipeError:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
-    path = f"{where}.{key}" if where else key
-    return RecipeError(f"{path}: unknown key {key!r}{hint}")
-
-
-def parse_dataclass(cls: type, data: dict, where: str) -> Any:
-    """Build `cls` from a mapping; unknown keys and wrong types are errors naming the key path."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    public = [n for n in fields if n not in ("source", "raw")]
-    kwargs = {}
-    for key, value in data.items():
-        key = str(key)
-        if key not in fields or key in ("source", "raw"):
-            raise unknown_key_error(key, public, where)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- loading

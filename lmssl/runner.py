@@ -159,13 +159,16 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
         result = STAGES[stage.kind].run(stage, ctx)
         result.fingerprint = fp
         seconds = time.time() - started
+        phases = {**ctx.phases, "other": max(0.0, seconds - sum(ctx.phases.values()))}
+        result.metrics.update({f"time/{name}_s": value for name, value in phases.items()})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(partial / "checkpoints", ignore_errors=True)
             write_json(partial / "stage.json", {
                 "name": stage.name, "kind": stage.kind, "fingerprint": fp,
                 "config": dataclasses.asdict(stage), "metrics": result.metrics, "headline": result.headline,
-                "report": result.report, "seconds": round(seconds, 2), "versions": library_versions(),
+                "report": result.report, "seconds": round(seconds, 2),
+                "phases": {name: round(value, 2) for name, value in phases.items()}, "versions": library_versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
             old = run_dir / f".old-{stage.name}"
@@ -176,7 +179,7 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
         accelerator.wait_for_everyone()
         result.path = final
         outputs[stage.name] = result
-        rows.append({"name": stage.name, "kind": stage.kind, "status": "done", "seconds": seconds,
+        rows.append({"name": stage.name, "kind": stage.kind, "status": "done", "seconds": seconds, "phases": phases,
                      "headline": result.headline, "report": result.report})
 
     if accelerator.is_main_process:

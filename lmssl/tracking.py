@@ -64,8 +64,8 @@ class Tracker:
             self.rate = self.window_units / (now - self.window_start)
         self.bar.update(1)
         if self.enabled:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{self.unit_name}/s": f"{self.rate:,.0f}"},
-                                 refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",  # the last seconds' rate, not the average
+                                 **{f"{self.unit_name}/s now": f"{self.rate:,.0f}"}, refresh=False)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -144,7 +144,10 @@ def write_summary(run_dir: Path, recipe_name: str, rows: list[dict[str, Any]], e
     lines = [f"# Run summary: {recipe_name}", "", "| stage | kind | status | time | metrics |", "|---|---|---|---|---|"]
     for row in rows:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in row.get("headline", {}).items())
-        lines.append(f"| {row['name']} | {row['kind']} | {row['status']} | {row['seconds']:.1f}s | {metrics} |")
+        spent = f"{row['seconds']:.1f}s"
+        if row.get("phases"):  # where the time went: prepare, train, eval, save (and other)
+            spent += " (" + ", ".join(f"{k} {v:.1f}" for k, v in row["phases"].items() if v >= 0.05) + ")"
+        lines.append(f"| {row['name']} | {row['kind']} | {row['status']} | {spent} | {metrics} |")
     lines += [""] + extra
     text = "\n".join(lines).rstrip() + "\n"
     (Path(run_dir) / "summary.md").write_text(text, encoding="utf-8")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -111,6 +112,8 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     history: list[dict[str, float]]
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of this call split into train, eval and save (checkpoints)."""
 
 
 class _StopFlag:
@@ -145,6 +148,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
 
     `on_eval(step)`, when given, runs on every process after each evaluation (a stage scoring its
     task metric and keeping the best weights, say); the metrics it returns are logged too."""
+    started = time.perf_counter()
+    clock = {"eval": 0.0, "save": 0.0}  # the rest of this call's wall time is training
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_data) // (cfg.batch_size * world)
     if per_epoch == 0:
@@ -189,7 +194,17 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
         return {"micro": micro, "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
                 "history": history}
 
+    def train_seconds() -> float:
+        return time.perf_counter() - started - clock["eval"] - clock["save"]
+
     def run_eval() -> dict[str, float]:
+        begun = time.perf_counter()
+        try:
+            return evaluate_all()
+        finally:
+            clock["eval"] += time.perf_counter() - begun
+
+    def evaluate_all() -> dict[str, float]:
         metrics: dict[str, float] = {}
         if eval_data is not None and len(eval_data) > 0:
             result = evaluate_objective(objective, module, eval_data, cfg.batch_size, accelerator, seed,
@@ -247,8 +262,9 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                     "lower the learning rate or use bf16 instead of fp16. The last good checkpoint is kept."
                 )
             if step % cfg.log_every == 0 or step == total_steps:
-                record = {"train/loss": running / max(1, running_n), "train/lr": lr,
-                          f"train/{tracker.unit_name}_per_s": tracker.rate, "train/nonfinite_steps": nonfinite_total}
+                record = {"train/loss": running / max(1, running_n), "train/lr": lr,  # throughput: the average so far
+                          f"train/{tracker.unit_name}_per_s": tracker.units / max(train_seconds(), 1e-9),
+                          "train/nonfinite_steps": nonfinite_total}
                 tracker.log(step, record)
                 history.append({"step": step, **record})
                 running, running_n = 0.0, 0
@@ -262,21 +278,28 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                 stop_now = accelerator.reduce(stop_now, "sum")
             if ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0 and step < total_steps)
                              or stop_now.item() > 0):
+                begun = time.perf_counter()
                 checkpoint.save(accelerator, ckpt_dir, step, module, optimizer, scheduler, loop_state(),
                                 cfg.keep_checkpoints)
+                clock["save"] += time.perf_counter() - begun
             if stop_now.item() > 0:
                 tracker.close()
                 raise Interrupted(f"{desc}: interrupted at step {step}; checkpoint written, run again to resume")
 
+    trained = train_seconds()  # the loop is over: what follows is evaluating and writing
     last_eval = run_eval()
     tracker.log(step, last_eval)
     history.append({"step": step, **last_eval})
-    tracker.close()
+    begun = time.perf_counter()
+    tracker.close()            # metrics files and the loss plot
     accelerator.free_memory()  # the Accelerator forgets this model and optimizer: stages train several in turn
+    clock["save"] += time.perf_counter() - begun
     train_losses = [h["train/loss"] for h in history if "train/loss" in h]
     metrics = dict(last_eval)
     if train_losses:
         metrics["train/loss"] = train_losses[-1]
     metrics["train/nonfinite_steps"] = float(nonfinite_total)
+    seconds = {"train": trained, **clock}
     metrics[f"train/{tracker.unit_name}"] = float(tracker.units)
-    return TrainResult(steps=step, metrics=metrics, history=history)
+    metrics[f"train/{tracker.unit_name}_per_s"] = tracker.units / max(seconds["train"], 1e-9)  # over training only
+    return TrainResult(steps=step, metrics=metrics, history=history, seconds=seconds)

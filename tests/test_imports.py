@@ -14,7 +14,8 @@ def test_import_tokenizers_resolves_to_the_hf_library():
 
 
 def test_every_stage_field_has_a_docstring():
-    from lmssl.recipe import Recipe, field_docs
+    from lmssl.recipe import Recipe
+    from lmssl.schema import field_docs
     import dataclasses
     from lmssl.stages import STAGES
 

@@ -16,7 +16,7 @@ import torch
 from lmssl.models import FAMILIES
 from lmssl.objectives import OBJECTIVES
 from lmssl.objectives.base import Objective, Splits
-from lmssl.recipe import field_docs, parse_dataclass
+from lmssl.schema import field_docs, parse_dataclass
 from lmssl.stages.pretrain import Config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from conftest import shared_file
 
 from lmssl.__main__ import main
 from lmssl.errors import RecipeError
-from lmssl.recipe import DataConfig, parse_dataclass
+from lmssl.recipe import DataConfig
+from lmssl.schema import parse_dataclass
 from lmssl.stages import tokenizer as stage
 from lmssl.tokenizer_report import read_texts, report_card
 

@@ -14,7 +14,8 @@ from conftest import shared_file
 
 from lmssl.data import corpus as corpus_module
 from lmssl.errors import RecipeError
-from lmssl.recipe import DataConfig, parse_dataclass
+from lmssl.recipe import DataConfig
+from lmssl.schema import parse_dataclass
 from lmssl.stages import tokenizer as stage
 from lmssl.tokenizer_report import read_texts
 

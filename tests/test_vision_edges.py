@@ -49,7 +49,7 @@ def test_two_processes_evaluate_simclr_on_an_odd_number_of_batches_as_one_proces
 
     from lmssl.evaluation import evaluate_objective
     from lmssl.objectives import OBJECTIVES
-    from lmssl.recipe import parse_dataclass
+    from lmssl.schema import parse_dataclass
     from lmssl.stages.pretrain import Config
 
     # 359 test digits in batches of 32: 12 batches, the last one short, 6 per process

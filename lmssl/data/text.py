@@ -64,8 +64,9 @@ def _materialize(stream, column: str, limit: Optional[int], where: str):
         raise
 
 
-def load_splits(cfg: DataConfig, seed: int, where: str):
-    """(train, eval) datasets for a DataConfig; eval is held out of train when no eval_split is named."""
+def load_splits(cfg: DataConfig, seed: int, where: str, hold_out: bool = True):
+    """(train, eval) datasets for a DataConfig; eval is held out of train when no eval_split is named
+    (unless hold_out=False: a caller that groups rows into documents holds out whole documents itself)."""
     data = _load(cfg, cfg.split)
     columns = data.column_names
     if columns is not None and cfg.column not in columns:
@@ -79,12 +80,20 @@ def load_splits(cfg: DataConfig, seed: int, where: str):
         eval_data = _materialize(eval_data, cfg.column, None, where) if eval_data is not None else None
     elif cfg.max_samples is not None:
         data = data.select(range(min(cfg.max_samples, len(data))))
-    if eval_data is None and cfg.eval_fraction > 0 and len(data) >= 20:
-        parts = data.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
-        data, eval_data = parts["train"], parts["test"]
+    if hold_out and eval_data is None:
+        data, eval_data = hold_out_rows(data, cfg.eval_fraction, seed)
     if len(data) == 0:
         raise LmsslError(f"{where}.data: the training split is empty")
     return data, eval_data
+
+
+def hold_out_rows(data, fraction: float, seed: int):
+    """(kept rows, eval_fraction of the rows drawn with the seed), or (data, None) when there is no
+    fraction or fewer than 20 rows to draw from."""
+    if fraction <= 0 or len(data) < 20:
+        return data, None
+    parts = data.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
 # --------------------------------------------------------------------------- documents and sentences

@@ -157,17 +157,24 @@ class TextObjective(BaseObjective):
 
     @classmethod
     def read(cls, stage, seed: int, where: str) -> Splits:
+        """Documents from stage.data; without an eval_split, eval_fraction of the *documents* is held out
+        (rows are documents, or lines grouped first: a held-out document never mixes two sources)."""
         from lmssl.data.cleaning import clean_texts
-        from lmssl.data.text import load_splits, to_documents
+        from lmssl.data.text import hold_out_rows, load_splits, to_documents
 
-        train_text, eval_text = load_splits(stage.data, seed, where)
         blank = stage.documents == "blank_lines"
+        train_text, eval_text = load_splits(stage.data, seed, where, hold_out=not blank)
         column, limit = stage.data.column, stage.data.max_chars
-        train_text, skipped = clean_texts(train_text, column, limit, f"{where}.data", blank)
+        train_text, metrics = clean_texts(train_text, column, limit, f"{where}.data", blank)
+        train = to_documents(train_text, column, stage.documents)
         if eval_text is not None:
             eval_text, _ = clean_texts(eval_text, column, limit, f"{where}.data", blank)
             eval_text = to_documents(eval_text, column, stage.documents)
-        return Splits(to_documents(train_text, column, stage.documents), eval_text, skipped)
+        elif blank and stage.data.eval_split is None:
+            train, eval_text = hold_out_rows(train, stage.data.eval_fraction, seed)
+        metrics = dict(metrics, **{"data/train_documents": float(len(train)),
+                                   "data/eval_documents": float(len(eval_text) if eval_text is not None else 0)})
+        return Splits(train, eval_text, metrics)
 
     @classmethod
     def load_preprocessor(cls, stage, train, resolve, where: str):
@@ -187,5 +194,7 @@ class TextObjective(BaseObjective):
 
     def save(self, accelerator, model, folder) -> None:
         from lmssl.hub import save_model
+        from lmssl.models import fit_tokenizer
 
+        fit_tokenizer(self.tokenizer, model)
         save_model(accelerator, model, folder, self.tokenizer)

@@ -4,9 +4,15 @@ the stage sees only its own config and the results of earlier stages, through it
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+PHASES = ("prepare", "train", "eval", "save")
+"""Where a stage's wall time goes: reading and preparing data and models, training, evaluating, saving
+(outputs and checkpoints). What none of them covers is reported as `other`."""
 
 
 @dataclass
@@ -30,6 +36,22 @@ class StageContext:
     seed: int = 0
     gradient_accumulation_steps: int = 1
     recipe_raw: dict = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    """Seconds spent so far in each phase (see PHASES)."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Count the wall time of the block as phase `name`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] += time.perf_counter() - started
+
+    def add_phases(self, seconds: dict[str, float]) -> None:
+        """Count seconds measured elsewhere (the training loop's train/eval/save split)."""
+        for name, value in seconds.items():
+            self.phases[name] += value
 
     @property
     def ckpt_dir(self) -> Path:

@@ -42,8 +42,6 @@ class Config(TrainingConfig):
     """Examples per device per step; None takes the task's default (32; 16 on the small GLUE tasks)."""
     schedule: Literal["cosine", "linear", "constant"] = "linear"
     """Linear decay after warmup, as in BERT fine-tuning."""
-    min_lr_ratio: float = 0.0
-    """Decay to zero, as in BERT fine-tuning."""
     warmup_ratio: float = 0.1
     """10% warmup, as in BERT fine-tuning."""
     save_every: Optional[int] = None
@@ -67,11 +65,29 @@ class Config(TrainingConfig):
         check_tasks(self.tasks, self.glue_dir, where)
 
 
-def _settings(cfg: Config, task: Task) -> Config:
-    """The stage's config with each unset hyperparameter filled from the task's defaults."""
+def _settings(cfg: Config, task: Task, positions: Optional[int]) -> Config:
+    """The stage's config with each unset hyperparameter filled from the task's defaults; the task's
+    default length is capped at the model's positions, and a length beyond them is an error."""
     pick = {key: getattr(cfg, key) if getattr(cfg, key) is not None else getattr(task.defaults, key)
             for key in ("learning_rate", "epochs", "batch_size", "max_length")}
+    if positions is not None and pick["max_length"] > positions:
+        if cfg.max_length is not None:
+            raise LmsslError(f"stages.{cfg.name}.max_length: {cfg.max_length} tokens is beyond the {positions} "
+                             f"positions of {cfg.model_from}; lower it to {positions} or less")
+        pick["max_length"] = positions
     return dataclasses.replace(cfg, **pick)
+
+
+def _positions(source, trust_remote_code: bool) -> Optional[int]:
+    """How many tokens the model at `source` takes (None: no limit, or no config to tell)."""
+    from transformers import AutoConfig
+
+    from lmssl.models import max_positions_of
+
+    try:
+        return max_positions_of(AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):
+        return None
 
 
 def _load_model(source, task: Task, scratch: bool, tokenizer, trust_remote_code: bool = False):
@@ -109,8 +125,9 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
     from lmssl.rng import seed_all
     from lmssl.training import train
 
-    seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
-    model = _load_model(source, task, scratch, tokenizer, cfg.trust_remote_code)
+    with ctx.phase("prepare"):
+        seed_all(seed)  # the new head's initial weights (and the whole model's, from scratch) depend on the seed
+        model = _load_model(source, task, scratch, tokenizer, cfg.trust_remote_code)
     first = next(iter(task.evals))
     references = {split: task.evals[split]["label"] for split in task.evals}
     best: dict = {"value": None}
@@ -128,14 +145,17 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
 
     per_epoch = len(prepared["train"]) // (cfg.batch_size * ctx.accelerator.num_processes)
     epoch_steps = max(1, per_epoch // ctx.gradient_accumulation_steps)
-    train(objective, model, prepared["train"], prepared[first], dataclasses.replace(cfg, eval_every=epoch_steps),
-          ctx.accelerator, run_dir, run_dir / "checkpoints", seed, ctx.gradient_accumulation_steps,
-          desc=f"{task.name}{'-scratch' if scratch else ''}/seed{seed}", on_eval=score_and_keep_best)
+    result = train(objective, model, prepared["train"], prepared[first],
+                   dataclasses.replace(cfg, eval_every=epoch_steps), ctx.accelerator, run_dir, run_dir / "checkpoints",
+                   seed, ctx.gradient_accumulation_steps, desc=f"{task.name}{'-scratch' if scratch else ''}/seed{seed}",
+                   on_eval=score_and_keep_best)
+    ctx.add_phases(result.seconds)
     model = ctx.accelerator.unwrap_model(model)
     model.load_state_dict(best["state"])
     scores = best["scores"]
-    tests = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
-             for split in task.tests}
+    with ctx.phase("eval"):
+        tests = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
+                 for split in task.tests}
     return model, {"seed": seed, "scores": scores, "tests": tests, "best_step": best["step"]}
 
 
@@ -178,31 +198,35 @@ def run(cfg: Config, ctx):
 
     from lmssl.evaluation import task_score
     from lmssl.hub import save_model, write_json, write_model_card
+    from lmssl.models import fit_tokenizer
     from lmssl.objectives.classification import SequenceClassification
     from lmssl.stages.base import StageResult
 
     source = ctx.resolve(cfg.model_from)
     where = f"stages.{cfg.name}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+        with ctx.phase("prepare"):
+            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise LmsslError(f"{where}.model_from: cannot load a tokenizer from {str(source)!r}: "
                          f"{str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    positions = _positions(source, cfg.trust_remote_code)
     metrics: dict[str, float] = {}
     rows: list[dict] = []
     inits = [False, True] if cfg.scratch_baseline else [False]
     for entry in expand_tasks(cfg.tasks, cfg.glue_dir, lambda text: ctx.print(f"[{cfg.name}] {text}")):
-        task = load_task(entry, cfg.glue_dir, ctx.seed, where)
-        if cfg.max_train_samples is not None:
-            task.train = task.train.select(range(min(cfg.max_train_samples, len(task.train))))
-        settings = _settings(cfg, task)
-        objective = SequenceClassification(tokenizer, "text", "text_pair" if task.has_pair else None,
-                                           settings.max_length, len(task.label_names or [None]))
-        with ctx.main_process_first():
-            prepared = {split: objective.prepare(data) for split, data in
-                        [("train", task.train), *task.evals.items(), *task.tests.items()]}
+        with ctx.phase("prepare"):
+            task = load_task(entry, cfg.glue_dir, ctx.seed, where)
+            if cfg.max_train_samples is not None:
+                task.train = task.train.select(range(min(cfg.max_train_samples, len(task.train))))
+            settings = _settings(cfg, task, positions)
+            objective = SequenceClassification(tokenizer, "text", "text_pair" if task.has_pair else None,
+                                               settings.max_length, len(task.label_names or [None]))
+            with ctx.main_process_first():
+                prepared = {split: objective.prepare(data) for split, data in
+                            [("train", task.train), *task.evals.items(), *task.tests.items()]}
         for scratch in inits:
             init = "scratch" if scratch else "pretrained"
             runs, best = [], None
@@ -220,7 +244,9 @@ def run(cfg: Config, ctx):
                 if best is None or score > best[0]:
                     best = (score, result)
                     if model is not None and not scratch:
-                        save_model(ctx.accelerator, model, ctx.out_dir / task.name, tokenizer)
+                        with ctx.phase("save"):
+                            fit_tokenizer(tokenizer, model)
+                            save_model(ctx.accelerator, model, ctx.out_dir / task.name, tokenizer)
                 if ctx.is_main and not done.exists():
                     run_dir.mkdir(parents=True, exist_ok=True)
                     write_json(done, result)

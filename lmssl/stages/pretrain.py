@@ -8,7 +8,8 @@ from typing import Any, Literal, Optional
 
 from lmssl.errors import RecipeError
 from lmssl.models import ModelConfig, check_model, check_positions
-from lmssl.recipe import DataConfig, TrainingConfig, parse_dataclass
+from lmssl.recipe import DataConfig, TrainingConfig
+from lmssl.schema import parse_dataclass
 
 
 @dataclass
@@ -133,31 +134,34 @@ def run(cfg: Config, ctx):
     where = f"stages.{cfg.name}"
     objective_cls = OBJECTIVES[cfg.objective]
     options = parse_dataclass(objective_cls.Options, cfg.objective_args, f"{where}.objective_args")
-    with ctx.main_process_first():
-        splits = objective_cls.read(cfg, ctx.seed, where)
-        preprocessor = objective_cls.load_preprocessor(cfg, splits.train, ctx.resolve, where)
-        objective = objective_cls(options, preprocessor, cfg.max_length, ctx.seed)
-        train_data = objective.prepare(splits.train)
-        eval_data = objective.prepare(splits.eval) if splits.eval is not None else None
-    model = objective.build_model(cfg.model)
-    objective.check_model(model, where)
-    monitor = _knn_monitor(cfg, ctx, objective, model, splits, where) if objective.modality == "image" else None
+    with ctx.phase("prepare"):
+        with ctx.main_process_first():
+            splits = objective_cls.read(cfg, ctx.seed, where)
+            preprocessor = objective_cls.load_preprocessor(cfg, splits.train, ctx.resolve, where)
+            objective = objective_cls(options, preprocessor, cfg.max_length, ctx.seed)
+            train_data = objective.prepare(splits.train)
+            eval_data = objective.prepare(splits.eval) if splits.eval is not None else None
+        model = objective.build_model(cfg.model)
+        objective.check_model(model, where)
+        monitor = _knn_monitor(cfg, ctx, objective, model, splits, where) if objective.modality == "image" else None
     result = train(objective, model, train_data, eval_data, cfg, ctx.accelerator, ctx.out_dir, ctx.ckpt_dir,
                    ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name, on_eval=monitor)
-    objective.save(ctx.accelerator, model, ctx.out_dir)
+    ctx.add_phases(result.seconds)
     n_params = sum(p.numel() for p in model.parameters())
     metrics = dict(result.metrics, **splits.metrics, steps=result.steps, parameters=n_params,
                    train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
-    if ctx.is_main:
-        family = model.config.model_type
-        write_model_card(
-            ctx.out_dir, title=f"{family} pretrained with {cfg.objective} ({cfg.name})",
-            summary=f"A {n_params / 1e6:.1f}M-parameter {family} model pretrained from "
-                    f"{'scratch' if not cfg.model.init_from else cfg.model.init_from} with the `{cfg.objective}` "
-                    f"objective for {result.steps} steps on `{cfg.data.path}` by lmssl.",
-            recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics=metrics,
-            pipeline_tag=objective.pipeline_tag, tags=(cfg.objective, family),
-        )
+    with ctx.phase("save"):
+        objective.save(ctx.accelerator, model, ctx.out_dir)
+        if ctx.is_main:
+            family = model.config.model_type
+            write_model_card(
+                ctx.out_dir, title=f"{family} pretrained with {cfg.objective} ({cfg.name})",
+                summary=f"A {n_params / 1e6:.1f}M-parameter {family} model pretrained from "
+                        f"{'scratch' if not cfg.model.init_from else cfg.model.init_from} with the `{cfg.objective}` "
+                        f"objective for {result.steps} steps on `{cfg.data.path}` by lmssl.",
+                recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics=metrics,
+                pipeline_tag=objective.pipeline_tag, tags=(cfg.objective, family),
+            )
     shown = {f"eval/{name}" for name in objective.headline} | {"steps"}
     headline = {k: v for k, v in metrics.items() if k in shown or (k.startswith("data/skipped") and v)}
     return StageResult(ctx.out_dir, metrics, headline=headline)

@@ -54,8 +54,6 @@ class Config(TrainingConfig):
     """finetune: AdamW weight decay; None: 0.05 (as MAE)."""
     warmup_ratio: float = 0.05
     """5% warmup."""
-    min_lr_ratio: float = 0.0
-    """Decay to zero."""
     save_every: Optional[int] = None
     """Probes are short; checkpoint only when interrupted."""
 
@@ -177,24 +175,27 @@ def _probe_once(cfg: Config, ctx, backbone, processor_stats, splits, run_dir: Pa
     backbone = backbone.to(accelerator.device)
     reader = BackboneFeatures(mean, std)
     batch = 2 * cfg.batch_size
-    # fp32 features even under mixed precision: the saved classifier must predict what the probe scored
-    train_f, train_y = extract_features(reader, backbone, splits.train, batch, accelerator, autocast=False)
-    test_f, test_y = extract_features(reader, backbone, splits.eval, batch, accelerator, autocast=False)
-    classes = len(splits.label_names)
-    knn = knn_accuracy(train_f, train_y, test_f, test_y, cfg.knn_k, cfg.knn_temperature, classes)
+    with ctx.phase("eval"):  # fp32 features even under mixed precision: the saved classifier sees fp32 too
+        train_f, train_y = extract_features(reader, backbone, splits.train, batch, accelerator, autocast=False)
+        test_f, test_y = extract_features(reader, backbone, splits.eval, batch, accelerator, autocast=False)
+        classes = len(splits.label_names)
+        knn = knn_accuracy(train_f, train_y, test_f, test_y, cfg.knn_k, cfg.knn_temperature, classes)
     extra = {}
     if cfg.mode == "linear":
-        weight, bias, extra["l2"] = linear_probe(train_f, train_y, classes, cfg.l2, ctx.seed)
+        with ctx.phase("train"):
+            weight, bias, extra["l2"] = linear_probe(train_f, train_y, classes, cfg.l2, ctx.seed)
         predicted = (test_f @ weight.T + bias).argmax(1)
         model = _classifier(backbone.cpu(), splits.label_names, weight, bias)
     else:
         seed_all(ctx.seed)
         model = _classifier(backbone.cpu(), splits.label_names)
         objective = ImageClassification(size, mean, std, cfg.views)
-        train(objective, model, splits.train, splits.eval, cfg, accelerator, run_dir, run_dir / "checkpoints",
-              ctx.seed, ctx.gradient_accumulation_steps, desc=desc)
+        result = train(objective, model, splits.train, splits.eval, cfg, accelerator, run_dir, run_dir / "checkpoints",
+                       ctx.seed, ctx.gradient_accumulation_steps, desc=desc)
+        ctx.add_phases(result.seconds)
         model = accelerator.unwrap_model(model)
-        predicted = torch.tensor(predict(objective, model, splits.eval, cfg.batch_size, accelerator))
+        with ctx.phase("eval"):
+            predicted = torch.tensor(predict(objective, model, splits.eval, cfg.batch_size, accelerator))
         model = model.cpu()
     top1 = float((predicted == test_y).double().mean())
     return {"knn_top1": knn, "top1": top1, "train_images": len(splits.train), "test_images": len(splits.eval),
@@ -236,14 +237,15 @@ def run(cfg: Config, ctx):
     decoded: dict[int, tuple] = {}
     labels = _labels(cfg.backbones, ctx.outputs)
     for name in cfg.backbones:
-        backbone = _load_backbone(ctx.resolve(name), where)
-        size = backbone.config.image_size
-        if size not in decoded:
-            decoded[size] = _labeled_splits(cfg, size, ctx, where)
-        splits, unlabeled = decoded[size]
+        with ctx.phase("prepare"):
+            backbone = _load_backbone(ctx.resolve(name), where)
+            size = backbone.config.image_size
+            if size not in decoded:
+                decoded[size] = _labeled_splits(cfg, size, ctx, where)
+            splits, unlabeled = decoded[size]
+            mean, std = processor_stats(ctx.resolve(name)) or channel_stats(splits.train)
         if unlabeled:
             metrics["data/skipped_unlabeled"] = float(unlabeled)
-        mean, std = processor_stats(ctx.resolve(name)) or channel_stats(splits.train)
         candidates = [(labels[name], "pretrained", backbone)]
         arch = json.dumps({k: getattr(backbone.config, k, None) for k in VIT_SHAPE}, default=str)
         if cfg.scratch_baseline and arch not in scratch_done:
@@ -259,7 +261,8 @@ def run(cfg: Config, ctx):
                                                  f"{row_name}/{cfg.mode}")
                 row = {"backbone": row_name, "init": init, "mode": cfg.mode, **result}
                 if init == "pretrained":
-                    _save_probe(ctx, cfg, name, row, classifier, image_processor(size, mean, std), splits)
+                    with ctx.phase("save"):
+                        _save_probe(ctx, cfg, name, row, classifier, image_processor(size, mean, std), splits)
                 if ctx.is_main:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     write_json(done, row)

@@ -307,21 +307,25 @@ class _Counter:
 
 
 def run(cfg: Config, ctx):
-    from transformers import AutoTokenizer
+    with ctx.phase("prepare"):  # the first stage of a run pays for importing transformers here
+        from transformers import AutoTokenizer
 
-    from lmssl.stages.base import StageResult
-    from lmssl.tokenizer_report import format_card, report_card, write_card
+        from lmssl.stages.base import StageResult
+        from lmssl.tokenizer_report import format_card, report_card, write_card
 
     where = f"stages.{cfg.name}"
     spec = load_spec(cfg.spec, f"{where}.spec")
     metrics: dict[str, Any] = {}
     if ctx.is_main:
-        batches, heldout = corpus(cfg, ctx.seed, where)
-        tokenizer, fed = build(spec, cfg, batches)
-        tokenizer.save_pretrained(ctx.out_dir)
-        card = report_card(AutoTokenizer.from_pretrained(ctx.out_dir), heldout, name=cfg.spec)
-        card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts, "engine": fed.engine}
-        write_card(card, ctx.out_dir)
+        with ctx.phase("train"):  # the corpus is read as the trainer consumes it: reading counts as training
+            batches, heldout = corpus(cfg, ctx.seed, where)
+            tokenizer, fed = build(spec, cfg, batches)
+        with ctx.phase("save"):
+            tokenizer.save_pretrained(ctx.out_dir)
+        with ctx.phase("eval"):
+            card = report_card(AutoTokenizer.from_pretrained(ctx.out_dir), heldout, name=cfg.spec)
+            card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts, "engine": fed.engine}
+            write_card(card, ctx.out_dir)
     ctx.accelerator.wait_for_everyone()  # other processes wait here, then load what the main one saved
     AutoTokenizer.from_pretrained(ctx.out_dir)  # every process checks that the saved folder loads
     card = json.loads((ctx.out_dir / "report.json").read_text())
