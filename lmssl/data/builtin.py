@@ -19,7 +19,7 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 FORMAT = 5  # bump when the harvested text changes, so caches are rebuilt
 SKIPPED_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
@@ -117,6 +117,12 @@ def digits() -> dict:
 BUILTIN_IMAGES = {  # image sets, read by lmssl.data.images (not by the text loader)
     "digits": digits,
 }
+
+
+def modality_of(path: str) -> Optional[str]:
+    """"text" or "image" for a builtin:NAME data path, None for anything else."""
+    name = path.split(":", 1)[1] if path.startswith("builtin:") else None
+    return "text" if name in BUILTIN else "image" if name in BUILTIN_IMAGES else None
 
 
 def cache_dir() -> Path:

@@ -112,8 +112,14 @@ class BaseObjective:
 
     @classmethod
     def check(cls, options, stage, where: str) -> None:
+        from lmssl.data.builtin import modality_of
+
         if hasattr(options, "check"):
             options.check(f"{where}.objective_args")
+        held = modality_of(stage.data.path)
+        if held is not None and held != cls.modality:
+            raise RecipeError(f"{where}.data.path: {stage.data.path} holds {held}s; the {cls.name} objective "
+                              f"trains on {cls.modality}s")
         if stage.model.init_from is None and stage.model.family not in cls.families:
             raise RecipeError(f"{where}.model.family: the {cls.name} objective needs one of "
                               f"{', '.join(cls.families)}, not {stage.model.family!r}")
@@ -142,12 +148,6 @@ class TextObjective(BaseObjective):
     @classmethod
     def check(cls, options, stage, where: str) -> None:
         super().check(options, stage, where)
-        if stage.data.path.startswith("builtin:"):
-            from lmssl.data.builtin import BUILTIN_IMAGES
-
-            if stage.data.path.split(":", 1)[1] in BUILTIN_IMAGES:
-                raise RecipeError(f"{where}.data.path: {stage.data.path} holds images; the {cls.name} "
-                                  "objective trains on text")
         if stage.max_length < 8:
             raise RecipeError(f"{where}.max_length: {stage.max_length} tokens is too short to train on; "
                               "use 64 or more")

@@ -112,12 +112,6 @@ class ImageObjective(BaseObjective):
     @classmethod
     def check(cls, options, stage, where: str) -> None:
         super().check(options, stage, where)
-        if stage.data.path.startswith("builtin:"):
-            from lmssl.data.builtin import BUILTIN
-
-            if stage.data.path.split(":", 1)[1] in BUILTIN:
-                raise RecipeError(f"{where}.data.path: {stage.data.path} is a text corpus; the {cls.name} "
-                                  "objective trains on images (builtin:digits, a folder, a zip, imagefolder, ...)")
         if stage.model.init_from:
             for key in ("image_size", "patch_size"):
                 if getattr(stage.model, key) is not None:
