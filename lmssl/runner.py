@@ -111,6 +111,7 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
     from lmssl.tracking import write_summary
 
     run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
+    owned = accelerator is None
     accelerator = accelerator or make_accelerator(recipe)
     _quiet_libraries(accelerator.is_main_process)
     unknown = [name for name in force if name not in {s.name for s in recipe.stages}]
@@ -188,4 +189,7 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
         extra = [row["report"] for row in rows if row["report"]]
         text = write_summary(run_dir, recipe.name, rows, extra)
         print("\n" + text + f"\nOutputs in {run_dir}/ (summary.md, one folder per stage)")
+    if owned:  # several processes: leave the process group before exiting, so none aborts at shutdown
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
     return outputs

@@ -36,6 +36,8 @@ def main(out: str) -> None:
     grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(module).named_parameters()}
     if accelerator.is_main_process:
         torch.save({"loss": mean_loss, "grads": grads, "world": world}, out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroy the process group: gloo threads must not outlive it at exit
 
 
 if __name__ == "__main__":
