@@ -1,10 +1,11 @@
 /* Native helpers for lmssl's tokenizer stage: counting space-separated chunks of a corpus and
  * learning BPE merges from word counts.
  *
- * ChunkCounter splits every text before each space that follows a non-space (so "a  b" gives
- * "a" and "  b") and counts the distinct chunks. For the normalizers and pre-tokenizers lmssl
- * allows on this path, a text's pre-tokens are the union of its chunks' pre-tokens, so the
- * Python side pre-tokenizes each distinct chunk once instead of every occurrence.
+ * ChunkCounter splits every text before each space that follows a non-whitespace character (so
+ * "a  b" gives "a" and "  b", while "a\t  b" stays whole) and counts the distinct chunks. For the
+ * normalizers and pre-tokenizers lmssl allows on this path, a text's pre-tokens are the union of its
+ * chunks' pre-tokens, so the Python side pre-tokenizes each distinct chunk once instead of every
+ * occurrence.
  *
  * train_bpe() is the BPE training algorithm of Sennrich et al. (2016) on weighted words, with the
  * conventions of the `tokenizers` library's BpeTrainer (special tokens first, then the alphabet
@@ -41,7 +42,7 @@ typedef struct {
     PyObject_HEAD
     Table words;  /* pre-tokens of the chunks this module splits itself */
     Table chunks; /* chunks left to the caller (non-ASCII text under a normalizer, or MODE_CHUNKS) */
-    int mode, prepend, split, lowercase, add_prefix_space, clean_text, any_text;
+    int mode, prepend, lowercase, add_prefix_space, clean_text, any_text;
     char replacement[8];
     size_t replacement_len;
     char *buffer; /* scratch for one chunk's transformed text */
@@ -210,20 +211,21 @@ static int byte_level_words(ChunkCounter *self, const char *s, size_t n) {
     return 0;
 }
 
-/* Metaspace: spaces become the replacement; with split, every replacement starts a new piece */
+/* Metaspace with split: spaces become the replacement, and every replacement starts a new piece */
 static int metaspace_words(ChunkCounter *self, const char *s, size_t n) {
     size_t r = self->replacement_len;
     char *out = scratch(self, (n + 1) * r);
     if (!out) return -1;
     size_t k = 0, start = 0;
-    if (self->prepend && s[0] != ' ') {
+    /* as the library: no prefix where the text already starts with a space or the replacement */
+    if (self->prepend && s[0] != ' ' && !(n >= r && memcmp(s, self->replacement, r) == 0)) {
         memcpy(out, self->replacement, r);
         k = r;
     }
     for (size_t i = 0; i < n; i++) {
         int space = s[i] == ' ';
         if (space || (s[i] == self->replacement[0] && i + r <= n && memcmp(s + i, self->replacement, r) == 0)) {
-            if (self->split && k > start) { /* a piece ends before each replacement */
+            if (k > start) { /* a piece ends before each replacement */
                 if (add_word(self, out + start, k - start) < 0) return -1;
                 start = k;
             }
@@ -291,10 +293,26 @@ static int split_chunk(ChunkCounter *self, const char *s, size_t n, int64_t coun
     }
 }
 
+/* True when the character that ends at s[i - 1] (valid UTF-8, i > 0) is whitespace as the pre-tokenizers
+ * see it: Unicode White_Space, the set of the byte-level pattern's \s and of Rust's char::is_whitespace. */
+static int ends_with_space(const char *s, size_t i) {
+    unsigned char c = (unsigned char)s[i - 1];
+    if (c < 0x80) return is_space(c);
+    size_t k = i - 1;
+    while (k > 0 && ((unsigned char)s[k] & 0xC0) == 0x80) k--; /* back to the lead byte */
+    unsigned char lead = (unsigned char)s[k];
+    uint32_t cp = lead >= 0xF0 ? lead & 0x07u : lead >= 0xE0 ? lead & 0x0Fu : lead & 0x1Fu;
+    for (size_t j = k + 1; j < i; j++) cp = (cp << 6) | ((unsigned char)s[j] & 0x3Fu);
+    return cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 ||
+           cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+/* Cut before each space that follows a non-whitespace character. A space after whitespace stays in its
+ * chunk: GPT-2's \s+(?!\S) gives "a\t  b" the words "a", "\t ", " b", so a whitespace run must not be cut. */
 static int count_text(ChunkCounter *self, const char *s, size_t n) {
     size_t start = 0;
     for (size_t i = 1; i < n; i++) {
-        if (s[i] == ' ' && s[i - 1] != ' ') {
+        if (s[i] == ' ' && !ends_with_space(s, i)) {
             int err = table_add(&self->chunks, s + start, i - start, 1);
             if (err) return err;
             start = i;
@@ -318,12 +336,12 @@ static int counter_drain(ChunkCounter *self, Table *rest) {
 }
 
 static int counter_init(ChunkCounter *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"mode", "replacement", "prepend", "split", "lowercase", "add_prefix_space",
-                            "clean_text", "any_text", NULL};
+    static char *names[] = {"mode", "replacement", "prepend", "lowercase", "add_prefix_space", "clean_text",
+                            "any_text", NULL};
     const char *mode = "chunks", *replacement = "\xe2\x96\x81";
-    int prepend = 0, split = 1, lowercase = 0, add_prefix_space = 0, clean_text = 0, any_text = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|s$sippppp", names, &mode, &replacement, &prepend, &split,
-                                     &lowercase, &add_prefix_space, &clean_text, &any_text))
+    int prepend = 0, lowercase = 0, add_prefix_space = 0, clean_text = 0, any_text = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|s$sipppp", names, &mode, &replacement, &prepend, &lowercase,
+                                     &add_prefix_space, &clean_text, &any_text))
         return -1;
     if (!strcmp(mode, "chunks")) self->mode = MODE_CHUNKS;
     else if (!strcmp(mode, "metaspace")) self->mode = MODE_METASPACE;
@@ -341,7 +359,7 @@ static int counter_init(ChunkCounter *self, PyObject *args, PyObject *kwargs) {
     memcpy(self->replacement, replacement, r);
     self->replacement_len = r;
     /* prepend: 0 never, 1 always, 2 first (only at the start of a text) */
-    self->prepend = prepend, self->split = split, self->lowercase = lowercase;
+    self->prepend = prepend, self->lowercase = lowercase;
     self->add_prefix_space = add_prefix_space, self->clean_text = clean_text;
     self->any_text = any_text && self->mode == MODE_METASPACE && !lowercase;
     return 0;
@@ -451,7 +469,7 @@ static PyTypeObject ChunkCounterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "lmssl._bpe.ChunkCounter",
     .tp_basicsize = sizeof(ChunkCounter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "ChunkCounter(mode='chunks', *, replacement='\u2581', prepend=0, split=True, lowercase=False,\n"
+    .tp_doc = "ChunkCounter(mode='chunks', *, replacement='\u2581', prepend=0, lowercase=False,\n"
               "             add_prefix_space=False, clean_text=False, any_text=False)\n\n"
               "Counts the distinct space-separated chunks of many texts. drain() splits the pending ASCII chunks\n"
               "(all of them for metaspace with any_text) into pre-tokens in the metaspace, byte_level and bert\n"
@@ -467,11 +485,12 @@ static PyTypeObject ChunkCounterType = {
 /* BPE merges                                                                                   */
 
 typedef struct {
-    uint64_t key; /* (left << 32) | right; 0 = empty (id 0 is a special token, never a symbol pair) */
+    uint64_t key; /* (left << 32) | right: every value is a real pair, (0, 0) too where id 0 is a symbol */
     int64_t count;
     int32_t *words; /* words that contained the pair when it was last counted up (may be stale) */
     int32_t nwords, capwords;
     int32_t queued; /* the merge after which the pair was last queued */
+    int32_t full;   /* the slot holds a pair (no key can mark an empty slot) */
 } Pair;
 
 typedef struct {
@@ -503,9 +522,9 @@ static int pairs_grow(PairTable *t) {
     Pair *slots = calloc(capacity, sizeof(Pair));
     if (!slots) return -1;
     for (size_t i = 0; i < t->capacity; i++) {
-        if (!t->slots[i].key) continue;
+        if (!t->slots[i].full) continue;
         size_t j = mix64(t->slots[i].key) & (capacity - 1);
-        while (slots[j].key) j = (j + 1) & (capacity - 1);
+        while (slots[j].full) j = (j + 1) & (capacity - 1);
         slots[j] = t->slots[i];
     }
     free(t->slots);
@@ -518,12 +537,13 @@ static Pair *pairs_get(PairTable *t, uint64_t key, int create) {
     if (create && (t->used + 1) * 2 > t->capacity && pairs_grow(t) < 0) return NULL;
     if (!t->capacity) return NULL;
     size_t j = mix64(key) & (t->capacity - 1);
-    while (t->slots[j].key) {
+    while (t->slots[j].full) {
         if (t->slots[j].key == key) return &t->slots[j];
         j = (j + 1) & (t->capacity - 1);
     }
     if (!create) return NULL;
     t->slots[j].key = key;
+    t->slots[j].full = 1;
     t->used++;
     return &t->slots[j];
 }
@@ -904,7 +924,7 @@ static PyObject *train_bpe(PyObject *module, PyObject *args, PyObject *kwargs) {
         for (int32_t w = 0; w < ws.nwords && !failed; w++)
             if (count_word_pairs(&table, &ws, w, +1, -1, -1, -1) < 0) failed = 1;
         for (size_t i = 0; i < table.capacity && !failed; i++)
-            if (table.slots[i].key && table.slots[i].count > 0 && heap_push(&heap, table.slots[i].count, table.slots[i].key) < 0)
+            if (table.slots[i].full && table.slots[i].count > 0 && heap_push(&heap, table.slots[i].count, table.slots[i].key) < 0)
                 failed = 1;
         Py_END_ALLOW_THREADS
         if (failed) {

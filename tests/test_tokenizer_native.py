@@ -13,7 +13,7 @@ import pytest
 from conftest import shared_file
 
 from lmssl.data import corpus as corpus_module
-from lmssl.errors import RecipeError
+from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import DataConfig
 from lmssl.schema import parse_dataclass
 from lmssl.stages import tokenizer as stage
@@ -152,11 +152,14 @@ def test_engine_lmssl_refuses_a_pipeline_it_cannot_count_and_auto_falls_back(tex
 
 
 def test_a_disagreeing_self_check_trains_with_the_library_instead(texts, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(native, "agrees", lambda *args: False)
+    monkeypatch.setattr(native, "disagreement", lambda *args: "the odd text")
     cfg = stage.Config(name="tok", kind="tokenizer", spec="llama-bpe", vocab_size=1000)
-    tokenizer, fed = stage.build(stage.load_spec("llama-bpe"), cfg, iter([texts[:2000], texts[2000:4000]]))
-    assert "training with the tokenizers library instead" in capsys.readouterr().err
+    batches = [texts[:2000], texts[2000:4000]]
+    tokenizer, fed = stage.build(stage.load_spec("llama-bpe"), cfg, iter(batches), reread=lambda: iter(batches))
+    assert "on the text 'the odd text'; training with the tokenizers library instead" in capsys.readouterr().err
     assert fed.texts == 4000 and len(tokenizer) == 1000 and fed.engine == "tokenizers"
+    with pytest.raises(LmsslError, match=r"stages\.tok: .*disagrees .*'the odd text'; set engine: tokenizers"):
+        stage.build(stage.load_spec("llama-bpe"), cfg, iter(batches))  # nothing to read again: say so
 
 
 def test_reading_text_files_cuts_lines_like_datasets(tmp_path):

@@ -1,6 +1,6 @@
 """One pass over a text corpus for the tokenizer stage: batches of non-blank texts (bounded by
-`max_bytes`, sampled over the whole corpus or taken from its head) and a held-out sample for the
-report card.
+`max_bytes`, sampled over the whole corpus or taken from its head; rows over `data.max_chars`
+skipped and counted) and a held-out sample for the report card.
 
 Local plain-text files (`path: text`, .txt / .txt.xz / .txt.gz) are read directly in blocks, cut
 into lines exactly as `datasets`' text loader cuts them: a tokenizer needs one sequential pass,
@@ -10,11 +10,14 @@ or not."""
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
 import lzma
 import os
 import random
+import stat
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -28,12 +31,36 @@ SPREAD_SLACK = 1.1  # spread sampling keeps 10% more rows than max_bytes needs; 
 
 
 def local_files(data: DataConfig) -> list[Path]:
-    """The local files a DataConfig names (for the binary sniff); hub ids and folders give none."""
+    """The local paths a DataConfig's files name, for the checks of `unusable`: every regular file a
+    pattern matches, and what a pattern names that is no regular file (a folder, a pipe, a device) where it
+    names nothing else. Hub ids and URLs give none."""
     files = data.files
     patterns = [files] if isinstance(files, str) else list(files or []) if not isinstance(files, dict) else [
         p for v in files.values() for p in ([v] if isinstance(v, str) else v)]
-    return [Path(p) for pattern in patterns if "://" not in pattern
-            for p in sorted(glob.glob(os.path.expanduser(pattern))) if Path(p).is_file()]
+    found: list[Path] = []
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        matches = [Path(p) for p in sorted(glob.glob(os.path.expanduser(pattern)))]
+        regular = [p for p in matches if p.is_file()]
+        found += regular or matches  # a glob over a folder's files and subfolders reads only the files
+    return found
+
+
+def _not_a_file(path: Path) -> Optional[str]:
+    """What a path is when it is not a regular file (datasets says only "Unable to find" for these)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return (f"is a directory, not a file; name the files in it (e.g. {str(path / '*.txt')!r}), or give the "
+                "folder as data.path")
+    if stat.S_ISFIFO(mode):
+        return ("is a named pipe (FIFO), not a regular file; the tokenizer stage opens its files more than once: "
+                "save the text to a file")
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file; point data.files at text files"
+    return "is not a regular file (a socket?); point data.files at text files"
 
 
 def _opener(name: str):
@@ -41,56 +68,96 @@ def _opener(name: str):
     return lzma.open if name.endswith(".xz") else gzip.open if name.endswith(".gz") else open
 
 
-def _open_bytes(path: Path):
-    return _opener(str(path))(path, "rb")
+def _compression(name: str) -> Optional[str]:
+    return "xz" if name.endswith(".xz") else "gzip" if name.endswith(".gz") else None
 
 
-def looks_binary(path: Path) -> bool:
-    """True when the first 8 KB (decompressed for .xz/.gz) hold a NUL byte, which text never does."""
-    if path.suffix in (".parquet", ".arrow"):
+# what lzma and gzip raise on data that is not (or no longer) valid xz / gzip
+BAD_COMPRESSED = (lzma.LZMAError, gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def unusable(path: Path) -> Optional[str]:
+    """Why a local data file cannot be a text corpus (no regular file, not valid xz/gzip, empty, binary:
+    NUL bytes in its first 8 KB, decompressed), as the rest of a sentence naming it; None when it can."""
+    why = _not_a_file(path)
+    if why or path.suffix in (".parquet", ".arrow"):
+        return why or ("is empty; the tokenizer needs text to learn from" if not path.stat().st_size else None)
+    try:
+        with _opener(str(path))(path, "rb") as handle:
+            head = handle.read(8192)
+    except BAD_COMPRESSED as err:
+        return (f"is not a valid {_compression(str(path))} file ({err}); recompress it, or drop the "
+                f"{path.suffix} suffix if it is plain text")
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    if not head:
+        return "is empty; the tokenizer needs text to learn from"
+    if b"\x00" in head:
+        return ("looks binary (NUL bytes near its start); the tokenizer stage trains on text files (.txt, .json, "
+                ".csv, optionally .xz/.gz)")
+    return None
+
+
+class Batches:
+    """Batches of at most BATCH non-blank texts, an iterator, each row kept with probability `keep` (a
+    seeded spread sample) when given, until max_bytes are handed out. It tells what it left out on the way:
+    rows skipped as bad (`skipped`: {reason: rows}, as every stage's data/skipped_* metrics: too_long over
+    max_chars, missing, not_text) and whether max_bytes left any text out (`capped`; `sampled` says the
+    blocks are already a subset drawn for max_bytes)."""
+
+    def __init__(self, blocks: Iterator[list[Any]], max_bytes: Optional[int], max_chars: int,
+                 keep: Optional[float] = None, seed: int = 0, sampled: bool = False):
+        self.skipped: collections.Counter = collections.Counter()
+        self.capped = sampled
+        self._batches = self._generate(blocks, max_bytes, max_chars, keep, random.Random(seed).random)
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> list[str]:
+        return next(self._batches)
+
+    def _usable(self, row: Any, max_chars: int) -> bool:
+        if isinstance(row, str):
+            if len(row) <= max_chars:
+                return bool(row) and not row.isspace()
+            self.skipped["too_long"] += 1
+        else:
+            self.skipped["missing" if row is None else "not_text"] += 1
         return False
-    try:
-        with _open_bytes(path) as handle:
-            return b"\x00" in handle.read(8192)
-    except (OSError, lzma.LZMAError, EOFError):
-        return True
+
+    def _generate(self, blocks: Iterator[list[Any]], max_bytes: Optional[int], max_chars: int,
+                  keep: Optional[float], draw) -> Iterator[list[str]]:
+        seen, full = 0, False
+        for block in blocks:
+            texts = []
+            for row in block:
+                if keep is not None and draw() >= keep:
+                    self.capped = self.capped or (isinstance(row, str) and bool(row.strip()))
+                    continue
+                if not self._usable(row, max_chars):
+                    continue
+                if max_bytes is not None:
+                    seen += len(row.encode("utf-8"))
+                    if seen > max_bytes:
+                        self.capped = full = True
+                        break
+                texts.append(row)
+            for start in range(0, len(texts), BATCH):
+                yield texts[start:start + BATCH]
+            if full:
+                return
 
 
-def is_empty(path: Path) -> bool:
-    """True for a file with no content (after decompression for .xz/.gz)."""
-    try:
-        with _open_bytes(path) as handle:
-            return not handle.read(1)
-    except (OSError, lzma.LZMAError, EOFError):
-        return False  # unreadable files are reported by looks_binary
-
-
-def _batches(blocks: Iterator[list[Any]], max_bytes: Optional[int]) -> Iterator[list[str]]:
-    """Non-blank texts from lists of rows, in batches of BATCH, stopping once max_bytes are handed out."""
-    seen = 0
-    for block in blocks:
-        texts = [t for t in block if isinstance(t, str) and t and not t.isspace()]
-        if max_bytes is not None:
-            kept = []
-            for text in texts:
-                size = len(text.encode("utf-8"))
-                if seen + size > max_bytes:
-                    if kept:
-                        yield kept
-                    return
-                seen += size
-                kept.append(text)
-            texts = kept
-        for start in range(0, len(texts), BATCH):
-            yield texts[start:start + BATCH]
+def _held_out_text(text: Any, max_chars: int) -> bool:
+    """A held-out row the report card can use (bad rows are left out there too, uncounted)."""
+    return isinstance(text, str) and bool(text) and len(text) <= max_chars
 
 
 def _hold_out(blocks: Iterator[list[Any]], every: int, heldout: list[str], limit: Optional[int],
-              keep: Optional[float], seed: int) -> Iterator[list[Any]]:
-    """Rows minus every `every`-th one (kept in `heldout` up to HELDOUT_BYTES), at most `limit` rows,
-    each row kept with probability `keep` (a seeded spread sample) when given."""
+              max_chars: int) -> Iterator[list[Any]]:
+    """Rows minus every `every`-th one (kept in `heldout` up to HELDOUT_BYTES), at most `limit` rows."""
     index, held = 0, 0
-    draw = random.Random(seed).random
     for block in blocks:
         if limit is not None:
             block = block[:max(0, limit - index)]
@@ -100,11 +167,11 @@ def _hold_out(blocks: Iterator[list[Any]], every: int, heldout: list[str], limit
         if every:
             phase = (every - 1 - start) % every  # rows whose corpus index is every-1 modulo every
             for text in block[phase::every]:
-                if text and held < HELDOUT_BYTES:
+                if _held_out_text(text, max_chars) and held < HELDOUT_BYTES:
                     heldout.append(text)
                     held += len(text)
             block = [t for i, t in enumerate(block) if i % every != phase]
-        yield [t for t in block if draw() < keep] if keep is not None else block
+        yield block
 
 
 def plain_text_files(cfg: DataConfig) -> Optional[list[str]]:
@@ -138,8 +205,9 @@ def read_lines(files: list[str], encoding: Optional[str]) -> Iterator[list[str]]
                     if lines[-1] == "":
                         lines.pop()
                     yield lines
-        except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as err:
-            raise LmsslError(f"could not read {name}: {err}") from None
+        except BAD_COMPRESSED as err:
+            raise LmsslError(f"could not read {name}: it is not a valid {_compression(name)} file ({err}); "
+                             "is it truncated? recompress it") from None
 
 
 def _stream_blocks(stream, column: str, where: str) -> Iterator[list[Any]]:
@@ -169,7 +237,7 @@ def _spread(dataset, max_bytes: int, seed: int):
     return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), keep)))
 
 
-def corpus(cfg, seed: int, where: str) -> tuple[Iterator[list[str]], list[str]]:
+def corpus(cfg, seed: int, where: str) -> tuple[Batches, list[str]]:
     """(training batches, held-out texts) for a tokenizer stage config (data, max_bytes, sample).
 
     One-pass sources (streams, local text files) hold out every 50th row (for eval_fraction 0.02)
@@ -192,7 +260,8 @@ def corpus(cfg, seed: int, where: str) -> tuple[Iterator[list[str]], list[str]]:
         heldout: list[str] = []
         blocks = read_lines(files, data.encoding) if files is not None else _stream_blocks(
             _load(data, data.split), data.column, where)
-        return _batches(_hold_out(blocks, every, heldout, data.max_samples, keep, seed), cfg.max_bytes), heldout
+        rest = _hold_out(blocks, every, heldout, data.max_samples, data.max_chars)
+        return Batches(rest, cfg.max_bytes, data.max_chars, keep, seed), heldout
     try:
         train, evaluation = load_splits(data, seed, where)
     except UnicodeDecodeError as err:
@@ -200,14 +269,18 @@ def corpus(cfg, seed: int, where: str) -> tuple[Iterator[list[str]], list[str]]:
                          "set data.encoding (e.g. latin-1) or check the files") from None
     except DatasetGenerationError as err:
         cause = err.__cause__ or err
+        if isinstance(cause, BAD_COMPRESSED):
+            raise LmsslError(f"{where}.data: could not read the corpus {data.files or data.path!r}: a compressed "
+                             f"file is not valid xz/gzip ({cause}); is it truncated? recompress it") from None
         raise LmsslError(f"{where}.data: could not read the corpus {data.files or data.path!r}: {cause} "
                          f"(is a file empty, or not in the {data.path} format?)") from None
+    whole = len(train)
     if cfg.max_bytes is not None and cfg.sample == "spread":
         train = _spread(train, cfg.max_bytes, seed)
     held, size = [], 0
     for block in _column(evaluation, data.column) if evaluation is not None else []:
         for text in block:
-            if text and size < HELDOUT_BYTES:
+            if _held_out_text(text, data.max_chars) and size < HELDOUT_BYTES:
                 held.append(text)
                 size += len(text)
-    return _batches(_column(train, data.column), cfg.max_bytes), held
+    return Batches(_column(train, data.column), cfg.max_bytes, data.max_chars, sampled=len(train) < whole), held
