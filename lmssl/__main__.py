@@ -43,7 +43,7 @@ def _fields(kind: Optional[str]) -> int:
     import dataclasses
 
     from lmssl.recipe import Recipe
-    from lmssl.schema import field_docs
+    from lmssl.schema import field_docs, field_range
     from lmssl.stages import STAGES
 
     if kind and kind not in STAGES:
@@ -57,7 +57,8 @@ def _fields(kind: Optional[str]) -> int:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if dataclasses.is_dataclass(default):
             default = "{...}"
-        print(f"{f.name} = {default!r}\n    {docs.get(f.name, '')}")
+        bounds = field_range(cls, f.name)
+        print(f"{f.name} = {default!r}" + (f"  ({bounds})" if bounds else "") + f"\n    {docs.get(f.name, '')}")
     return 0
 
 
@@ -67,6 +68,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "fields":
             return _fields(args.kind)
         if args.command == "report":
+            if args.max_bytes < 1:
+                raise LmsslError(f"--max-bytes: {args.max_bytes} is out of range; it must be >= 1")
             from lmssl.tokenizer_report import report_command
 
             print(report_command(args.folder, args.data, args.reference, args.encoding, args.max_bytes))
@@ -92,7 +95,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 130
         return 0
     except LmsslError as err:
-        print(f"lmssl: error: {err}", file=sys.stderr)
+        from lmssl.redact import redact_text
+
+        print(f"lmssl: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from lmssl.errors import LmsslError
@@ -88,14 +89,15 @@ def save(accelerator, root: Path, step: int, model: torch.nn.Module, optimizer, 
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in checkpoints(root)[keep:]:
+            for old in checkpoints(root)[max(1, keep):]:  # the newest (this one) always stays
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:  # a full disk: OSError, or torch's/safetensors' own
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_valid(root, log=lambda _: None)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise LmsslError(f"could not write checkpoint {final}: {err.strerror or err}; {kept}") from None
+        why = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
+        raise LmsslError(f"could not write checkpoint {final}: {why}; {kept}") from None
     accelerator.wait_for_everyone()
     return final
 

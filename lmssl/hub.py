@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+
+from lmssl.redact import redact
 
 
 def library_versions() -> dict[str, str]:
@@ -54,7 +55,7 @@ def write_model_card(folder: Path, *, title: str, summary: str, recipe_raw: dict
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["lmssl", "self-supervised", *tags]}
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
-    recipe_yaml = yaml.safe_dump(_scrub(recipe_raw), sort_keys=False, allow_unicode=True).strip()
+    recipe_yaml = yaml.safe_dump(redact(recipe_raw), sort_keys=False, allow_unicode=True).strip()
     versions = library_versions()
     text = "\n".join([
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
@@ -69,18 +70,6 @@ def write_model_card(folder: Path, *, title: str, summary: str, recipe_raw: dict
     path = Path(folder) / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-SECRET_KEY = re.compile(r"(^|_)(token|api_key|password|secret)$", re.IGNORECASE)
-
-
-def _scrub(raw: Any) -> Any:
-    """Hide anything that looks like a credential before a recipe is written anywhere."""
-    if isinstance(raw, dict):
-        return {k: "<hidden>" if SECRET_KEY.search(str(k)) else _scrub(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_scrub(v) for v in raw]
-    return raw
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = True, commit_message: str = "lmssl upload") -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+from lmssl.schema import Range
 
 if TYPE_CHECKING:
     import torch
@@ -59,15 +61,23 @@ class ModelConfig:
     """Run model code shipped inside init_from (a security decision: off unless you trust that repository)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Any transformers config field, e.g. {hidden_dropout_prob: 0.0, num_hidden_layers: 6}."""
-    dropout: Optional[float] = None
+    dropout: Optional[Annotated[float, Range(0, 1, high_open=True)]] = None
     """Dropout on hidden states and attention; None keeps the family default (0.1; 0 for vit, as in ViT pretraining)."""
-    image_size: Optional[int] = None
+    image_size: Optional[Annotated[int, Range(4, 4096)]] = None
     """vit: input side in pixels; None takes the size's default (224 for vit-ti/s/b, 32 for the others)."""
-    patch_size: Optional[int] = None
+    patch_size: Optional[Annotated[int, Range(1, 512)]] = None
     """vit: patch side in pixels, dividing image_size; None takes the size's default (16 for vit-ti/s/b, else 4)."""
 
 
+# The config class of each family, and what it calls the width and the head count.
+CONFIG_CLASSES = {"bert": "BertConfig", "roberta": "RobertaConfig", "gpt2": "GPT2Config", "llama": "LlamaConfig",
+                  "vit": "ViTConfig"}
+SHAPE_KEYS = {"gpt2": ("n_embd", "n_head")}
+
+
 def check_model(cfg: ModelConfig, where: str) -> None:
+    """Recipe errors about a model before any data is read: family and size, image and patch sizes, a
+    width the heads do not divide, and overrides the family's config does not know."""
     from lmssl.errors import RecipeError
 
     if cfg.init_from is None:
@@ -76,27 +86,43 @@ def check_model(cfg: ModelConfig, where: str) -> None:
         sizes = {**SIZES, **VIT_SIZES} if cfg.family in IMAGE_FAMILIES else SIZES
         if cfg.size not in sizes:
             raise RecipeError(f"{where}.size: unknown size {cfg.size!r} for {cfg.family}; known: {', '.join(sizes)}")
-    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
-        raise RecipeError(f"{where}.dropout: a probability in [0, 1), got {cfg.dropout!r}")
+        _check_overrides(cfg, where)
     if cfg.family not in IMAGE_FAMILIES:
         for key in ("image_size", "patch_size"):
             if getattr(cfg, key) is not None:
                 raise RecipeError(f"{where}.{key}: only the vit family has an image size; drop it for {cfg.family}")
         return
-    for key, low, high in (("image_size", 4, 4096), ("patch_size", 1, 512)):
-        value = getattr(cfg, key)
-        if value is not None and not low <= value <= high:
-            raise RecipeError(f"{where}.{key}: {value} pixels is outside [{low}, {high}]")
     if cfg.init_from is None:
         image, patch = vit_input(cfg)
         if image % patch:
             raise RecipeError(f"{where}.patch_size: {patch} does not divide image_size {image}; "
                               f"use a divisor such as {max(d for d in range(1, patch + 1) if image % d == 0)}")
-        heads = {**SIZES, **VIT_SIZES}[cfg.size]["heads"]
         hidden = cfg.overrides.get("hidden_size", {**SIZES, **VIT_SIZES}[cfg.size]["hidden"])
-        if hidden % 4 or hidden % cfg.overrides.get("num_attention_heads", heads):
-            raise RecipeError(f"{where}.overrides.hidden_size: {hidden} must be a multiple of 4 and of the number "
-                              "of attention heads (fixed 2-D sine-cosine positions use a quarter each)")
+        if hidden % 4:
+            raise RecipeError(f"{where}.overrides.hidden_size: {hidden} must be a multiple of 4 (fixed 2-D "
+                              "sine-cosine positions use a quarter each)")
+
+
+def _check_overrides(cfg: ModelConfig, where: str) -> None:
+    """Override keys the family's transformers config knows, and a width its head count divides."""
+    import difflib
+
+    import transformers
+
+    from lmssl.errors import RecipeError
+
+    known = set(vars(getattr(transformers, CONFIG_CLASSES[cfg.family])()))
+    for key in cfg.overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            raise RecipeError(f"{where}.overrides.{key}: {CONFIG_CLASSES[cfg.family]} has no field {key!r}"
+                              + (f"; did you mean {near[0]!r}?" if near else ""))
+    width_key, heads_key = SHAPE_KEYS.get(cfg.family, ("hidden_size", "num_attention_heads"))
+    preset = {**SIZES, **VIT_SIZES}[cfg.size]
+    width, heads = cfg.overrides.get(width_key, preset["hidden"]), cfg.overrides.get(heads_key, preset["heads"])
+    if not (isinstance(width, int) and isinstance(heads, int)) or heads < 1 or width % heads:
+        raise RecipeError(f"{where}.overrides: a width of {width} ({width_key}) is not divided by {heads} attention "
+                          f"heads ({heads_key}); each head takes an equal share")
 
 
 def warm_start_overrides(cfg: ModelConfig) -> dict[str, Any]:

@@ -13,12 +13,33 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
 from lmssl.errors import RecipeError
-from lmssl.schema import parse_dataclass
+from lmssl.schema import Range, parse_dataclass
+
+# Names lmssl itself writes in a run directory and in a stage folder: no stage, task or backbone may take one.
+RUN_DIR_FILES = frozenset({"summary.md", ".partial", ".lmssl.lock"})
+STAGE_DIR_FILES = frozenset({"stage.json", "metrics.jsonl", "tensorboard", "checkpoints", "loss.png", "README.md",
+                             "runs", "submission", "results.json", "results.md", "report.json", "report.md",
+                             "pretraining", "scratch"})
+MAX_NAME = 128  # leaves room for what lmssl adds (-<fingerprint>, -scratch-seed<N>, .tsv) within 255 bytes
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
+
+
+def check_path_name(name: str, where: str, reserved: frozenset = STAGE_DIR_FILES) -> None:
+    """The one rule for every name that becomes a folder or file name (stage, task, probed backbone): a
+    plain relative name of letters, digits and . _ - (no separator, no leading dot, so never '..'), at most
+    MAX_NAME characters, and none of the names lmssl writes beside it."""
+    if not NAME.match(name) or len(name.encode("utf-8")) > MAX_NAME:
+        raise RecipeError(f"{where}: {name!r} must be a plain folder name: letters, digits and . _ - (not first), "
+                          f"at most {MAX_NAME} characters, no path separators")
+    if name.lower() in {r.lower() for r in reserved} or name.split(".")[0].lower() in WINDOWS_DEVICES:
+        raise RecipeError(f"{where}: {name!r} is a name lmssl (or the file system) reserves; choose another")
+
 
 LOADER_BUILDERS = ("text", "csv", "json", "parquet", "arrow", "imagefolder", "webdataset")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -40,7 +61,7 @@ class DataConfig:
     """Split to train on."""
     eval_split: Optional[str] = None
     """Split to evaluate on; when absent, eval_fraction of the training split is held out."""
-    eval_fraction: float = 0.02
+    eval_fraction: Annotated[float, Range(0, 1, high_open=True)] = 0.02
     """Share of the training split held out for evaluation when there is no eval_split (2%: enough for a stable loss)."""
     column: str = "text"
     """The text column (text stages)."""
@@ -49,14 +70,14 @@ class DataConfig:
     label_column: Optional[str] = "label"
     """Class labels for the kNN monitor and the probe stage: a column of a `datasets` source (class ids or
     names); folders and zips take the class subfolder. None reads the data as unlabeled."""
-    max_samples: Optional[int] = None
+    max_samples: Optional[Annotated[int, Range(1)]] = None
     """Keep only N training rows (quick experiments): the first N of a text source, N drawn with the
     run's seed from an image source (so every class stays); None keeps all."""
     streaming: bool = False
     """Stream instead of downloading/reading everything first (corpora larger than memory or disk)."""
     encoding: Optional[str] = None
     """Text encoding of local files (latin-1 for some Gutenberg books); None means UTF-8."""
-    max_chars: int = 1_000_000
+    max_chars: Annotated[int, Range(1)] = 1_000_000
     """Rows longer than this many characters are skipped and counted (a 10 MB line is broken data, not a document)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Further load_dataset keyword arguments, e.g. {delimiter: "\\t", quoting: 3} for TSV."""
@@ -133,46 +154,46 @@ class StageConfig:
 class TrainingConfig(StageConfig):
     """The knobs of the one training loop (training.py), shared by every training stage."""
 
-    batch_size: int = 32
+    batch_size: Annotated[int, Range(1)] = 32
     """Examples per device per micro-batch."""
-    learning_rate: float = 5e-4
+    learning_rate: Annotated[float, Range(0, 10, low_open=True)] = 5e-4
     """Peak learning rate after warmup (5e-4 suits small models trained from scratch)."""
-    weight_decay: float = 0.01
+    weight_decay: Annotated[float, Range(0, 10)] = 0.01
     """AdamW decoupled weight decay; never applied to biases and norm weights."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_betas: list[Annotated[float, Range(0, 1, high_open=True)]] = field(default_factory=lambda: [0.9, 0.98])
     """AdamW betas; 0.98 as in RoBERTa keeps large-batch pretraining stable."""
-    adam_eps: float = 1e-6
+    adam_eps: Annotated[float, Range(0, 1, low_open=True)] = 1e-6
     """AdamW epsilon (RoBERTa's 1e-6)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
-    warmup_ratio: float = 0.06
+    warmup_ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.06
     """Share of the steps spent warming up linearly from zero (6% as in RoBERTa)."""
-    warmup_steps: Optional[int] = None
+    warmup_steps: Optional[Annotated[int, Range(0)]] = None
     """Warmup in steps; overrides warmup_ratio when set."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.0
     """Linear and cosine decay alike end at this share of the peak: 0 as in BERT, RoBERTa and the HF Trainer
     (0.1 is the lr/10 floor of Chinchilla-style cosine runs)."""
-    max_steps: Optional[int] = None
+    max_steps: Optional[Annotated[int, Range(1)]] = None
     """Optimizer steps to train; when None, `epochs` decides."""
-    epochs: float = 1.0
+    epochs: Annotated[float, Range(0, low_open=True)] = 1.0
     """Passes over the training data when max_steps is None (fractions allowed)."""
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: Optional[Annotated[float, Range(0, low_open=True)]] = 1.0
     """Clip the global gradient norm (1.0 is the BERT/GPT default); None disables clipping."""
-    gradient_accumulation_steps: Optional[int] = None
+    gradient_accumulation_steps: Optional[Annotated[int, Range(1, 4096)]] = None
     """Micro-batches per optimizer step; None takes the recipe's value."""
-    eval_every: Optional[int] = None
+    eval_every: Optional[Annotated[int, Range(1)]] = None
     """Evaluate every N optimizer steps (and always at the end); None evaluates only at the end."""
-    eval_batches: Optional[int] = None
+    eval_batches: Optional[Annotated[int, Range(1)]] = None
     """Cap evaluation at N batches per process; None evaluates the whole eval set."""
-    save_every: Optional[int] = 500
+    save_every: Optional[Annotated[int, Range(1)]] = 500
     """Write a resumable checkpoint every N optimizer steps; None only at interruptions."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[int, Range(1)] = 2
     """How many recent checkpoints to keep (the newest valid one is used on resume)."""
-    log_every: int = 10
+    log_every: Annotated[int, Range(1)] = 10
     """Write metrics every N optimizer steps."""
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: Annotated[int, Range(1)] = 5
     """A non-finite loss skips the step; this many in a row stop the run with an error."""
-    num_workers: int = 0
+    num_workers: Annotated[int, Range(0, 256)] = 0
     """DataLoader worker processes (0 collates in the training process; fine for tokenized text)."""
     defaults: Literal["lmssl", "trainer"] = "lmssl"
     """The defaults of the optimization fields left unset: lmssl's (above, each with its reason) or the HF
@@ -199,11 +220,11 @@ class Recipe:
 
     name: str = "run"
     """The run's name; the default run directory is runs/<name>."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
     """Seeds every RNG; with the same seed a run is reproducible bit for bit on CPU."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Precision of the run's one Accelerator (bf16 on Ampere+ GPUs; no on CPU)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: Annotated[int, Range(1, 4096)] = 1
     """Default micro-batches per optimizer step for every training stage."""
     run_dir: Optional[str] = None
     """Where stage folders go; default runs/<name>. The CLI's --run-dir wins."""
@@ -293,8 +314,15 @@ def load_recipe(path: Union[str, Path], kinds: dict[str, type], overrides: Optio
     `kinds` maps each stage kind to its Config class (the stage registry, passed down from above)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+        what = "is not a file (a folder or a device)" if path.exists() else "does not exist"
+        raise RecipeError(f"recipe {str(path)!r} {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {str(path)!r} is not a UTF-8 text file (byte {err.start} does not decode); "
+                          "a recipe is YAML") from None
+    if "\x00" in text:
+        raise RecipeError(f"recipe {str(path)!r} holds NUL bytes: a binary file, not a YAML recipe")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -351,8 +379,7 @@ def check_recipe(recipe: Recipe) -> None:
         where = f"stages.{stage.name}"
         if stage.name in seen:
             raise RecipeError(f"{where}.name: two stages are named {stage.name!r}; names must be unique")
-        if not re.match(r"^[A-Za-z0-9][\w.-]*$", stage.name):
-            raise RecipeError(f"{where}.name: {stage.name!r} must be a plain folder name (letters, digits, . _ -)")
+        check_path_name(stage.name, f"{where}.name", RUN_DIR_FILES)
         for ref, value in stage.references():
             kinds = stage.REFERENCES[ref]
             if value in seen:

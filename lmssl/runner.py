@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmssl.data.builtin import FORMAT as BUILTIN_FORMAT
+import lmssl.rundir as rundir
+from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import Recipe, StageConfig
+from lmssl.redact import redact
 from lmssl.stages.base import StageContext, StageResult
 
 # Fields that change how a stage reports or checkpoints, not what it produces.
@@ -103,25 +106,52 @@ def _quiet_libraries(is_main: bool) -> None:
 
 def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tuple[str, ...] = (),
                accelerator=None) -> dict[str, StageResult]:
-    """Run every stage of `recipe` in order; return their results by stage name."""
-    from accelerate.utils import set_seed
-
-    from lmssl.hub import library_versions, write_json
-    from lmssl.stages import STAGES
-    from lmssl.tracking import write_summary
-
+    """Run every stage of `recipe` in order, holding the run directory's lock; return their results by name."""
     run_dir = Path(run_dir or recipe.run_dir or Path("runs") / recipe.name)
     owned = accelerator is None
     accelerator = accelerator or make_accelerator(recipe)
     _quiet_libraries(accelerator.is_main_process)
     unknown = [name for name in force if name not in {s.name for s in recipe.stages}]
     if unknown:
-        from lmssl.errors import RecipeError
-
         raise RecipeError(f"--force {unknown[0]}: no such stage; stages: {', '.join(s.name for s in recipe.stages)}")
+    lock = rundir.RunLock(run_dir)
+    problem = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            rundir.prepare(run_dir)
+            problem = lock.acquire()
+        except LmsslError as err:
+            problem = str(err)
+    problem = _from_main(accelerator, problem)  # every process stops if the main one could not start
+    if problem:
+        raise LmsslError(problem)
+    try:
+        outputs = _run_stages(recipe, run_dir, force, accelerator)
+    finally:
+        lock.release()
+    if owned:  # several processes: leave the process group before exiting, so none aborts at shutdown
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    return outputs
+
+
+def _from_main(accelerator, value):
+    """The main process's `value`, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerator) -> dict[str, StageResult]:
+    from accelerate.utils import set_seed
+
+    from lmssl.hub import library_versions, write_json
+    from lmssl.stages import STAGES
+    from lmssl.tracking import write_summary
 
     outputs: dict[str, StageResult] = {}
     rows = []
@@ -129,6 +159,8 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
         started = time.time()
         fp = fingerprint(stage, recipe, outputs)
         final = run_dir / stage.name
+        rundir.check_free(final, f"stages.{stage.name}")          # a folder of the user's is never replaced
+        rundir.check_free(run_dir / f".old-{stage.name}", f"stages.{stage.name}")
         record_file = final / "stage.json"
         if stage.name not in force and record_file.exists():
             record = json.loads(record_file.read_text())
@@ -142,12 +174,13 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
                 continue
 
         partial = run_dir / ".partial" / f"{stage.name}-{fp[:16]}"
+        rundir.check_free(partial, f"stages.{stage.name}")
         if accelerator.is_main_process:
             for stale in (run_dir / ".partial").glob(f"{stage.name}-*"):
                 if stale != partial:
-                    shutil.rmtree(stale, ignore_errors=True)
+                    rundir.remove(stale)                          # an older attempt of lmssl's, nothing else
             resuming = partial.exists()
-            partial.mkdir(parents=True, exist_ok=True)
+            rundir.claim(partial, stage.name)
             accelerator.print(f"[{stage.name}] {'resuming' if resuming else 'running'} ({stage.kind})")
         accelerator.wait_for_everyone()
         set_seed(recipe.seed)  # every stage starts from the same RNG state, whichever stages ran before it
@@ -157,7 +190,12 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
             or recipe.gradient_accumulation_steps,
             recipe_raw=recipe.raw,
         )
-        result = STAGES[stage.kind].run(stage, ctx)
+        try:
+            result = STAGES[stage.kind].run(stage, ctx)
+        except LmsslError:  # bad data or settings found while running: keep only what a rerun can resume
+            if accelerator.is_main_process:
+                rundir.discard_unresumable(partial)
+            raise
         result.fingerprint = fp
         seconds = time.time() - started
         phases = {**ctx.phases, "other": max(0.0, seconds - sum(ctx.phases.values()))}
@@ -167,16 +205,18 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
             shutil.rmtree(partial / "checkpoints", ignore_errors=True)
             write_json(partial / "stage.json", {
                 "name": stage.name, "kind": stage.kind, "fingerprint": fp,
-                "config": dataclasses.asdict(stage), "metrics": result.metrics, "headline": result.headline,
+                "config": redact(dataclasses.asdict(stage)), "metrics": result.metrics, "headline": result.headline,
                 "report": result.report, "seconds": round(seconds, 2),
                 "phases": {name: round(value, 2) for name, value in phases.items()}, "versions": library_versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
+            (partial / rundir.MARKER).unlink()                    # stage.json marks the finished folder now
             old = run_dir / f".old-{stage.name}"
+            rundir.remove(old)
             if final.exists():
-                final.rename(old)
+                final.rename(old)                                 # checked above: lmssl's own
             partial.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            rundir.remove(old)
         accelerator.wait_for_everyone()
         result.path = final
         outputs[stage.name] = result
@@ -189,7 +229,4 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
         extra = [row["report"] for row in rows if row["report"]]
         text = write_summary(run_dir, recipe.name, rows, extra)
         print("\n" + text + f"\nOutputs in {run_dir}/ (summary.md, one folder per stage)")
-    if owned:  # several processes: leave the process group before exiting, so none aborts at shutdown
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
     return outputs

@@ -15,6 +15,67 @@ from typing import Any, Literal, Optional, Union
 from lmssl.errors import RecipeError
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field takes, stated beside its type: `batch_size: Annotated[int, Range(1)]`.
+    A bound of None is unbounded; NaN and infinities are never in range (a learning rate of .inf is a
+    mistake, not a schedule)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    """True when `low` itself is excluded (a learning rate > 0)."""
+    high_open: bool = False
+    """True when `high` itself is excluded (a share < 1)."""
+
+    def __str__(self) -> str:
+        def number(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {number(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {number(self.high)}"
+        return (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+    def contains(self, value: float) -> bool:
+        if value != value or value in (float("inf"), float("-inf")):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+
+def check_ranges(obj: Any, where: str) -> None:
+    """Every Range a dataclass instance's fields state (in lists too), for objects made in code rather
+    than parsed from a recipe (parsing checks them already)."""
+    for name, tp in typing.get_type_hints(type(obj), include_extras=True).items():
+        found = _range_of(tp)
+        value = getattr(obj, name, None)
+        if found is None or value is None:
+            continue
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if not found.contains(item):
+                at = f"{where}.{name}" + (f"[{index}]" if isinstance(value, list) else "")
+                raise RecipeError(f"{at}: {item!r} is out of range; it must be {found}")
+
+
+def field_range(cls: type, name: str) -> Optional[Range]:
+    """The Range stated for field `name` of dataclass `cls` (also inside Optional and list), if any."""
+    return _range_of(typing.get_type_hints(cls, include_extras=True)[name])
+
+
+def _range_of(tp: Any) -> Optional[Range]:
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in typing.get_args(tp)[1:] if isinstance(m, Range)), None)
+    for arg in typing.get_args(tp):
+        found = _range_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written on the line after each dataclass field, for this class and its bases."""
     docs: dict[str, str] = {}
@@ -36,6 +97,10 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(tp)
+        ranges = [str(m) for m in extras if isinstance(m, Range)]
+        return _type_name(base) + (f" {ranges[0]}" if ranges else "")
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
@@ -55,6 +120,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _coerce(value, base, where)
+        for extra in extras:
+            if isinstance(extra, Range) and not extra.contains(value):
+                raise RecipeError(f"{where}: {value!r} is out of range; it must be {extra}")
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -62,6 +134,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         non_null = [a for a in args if a is not type(None)]
         if len(non_null) == 1:  # Optional[X]: say what X expected
             return _coerce(value, non_null[0], where)
+        fitting = [a for a in non_null if _same_shape(value, a)]
+        if len(fitting) == 1:  # one member takes this shape (a mapping: the dataclass): its error is the useful one
+            return _coerce(value, fitting[0], where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -121,6 +196,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _same_shape(value: Any, tp: Any) -> bool:
+    """Whether `value` is a mapping, a list or a scalar as the type `tp` is (its members, for a Union)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _same_shape(value, typing.get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        return any(_same_shape(value, a) for a in typing.get_args(tp))
+    if isinstance(value, dict):
+        return origin is dict or dataclasses.is_dataclass(tp)
+    if isinstance(value, list):
+        return origin is list
+    return origin not in (dict, list) and not dataclasses.is_dataclass(tp)
+
+
 def _number(value) -> Optional[float]:
     try:
         return float(value)
@@ -137,7 +226,7 @@ def unknown_key_error(key: str, valid: list[str], where: str) -> RecipeError:
 
 def parse_dataclass(cls: type, data: dict, where: str) -> Any:
     """Build `cls` from a mapping; unknown keys and wrong types are errors naming the key path."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     public = [n for n in fields if n not in ("source", "raw")]
     kwargs = {}

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
+from lmssl.redact import redact_text
+
 
 def count_units(batch: dict) -> tuple[int, str]:
     """How much work a batch is, for throughput: real tokens for text, images for vision."""
@@ -149,6 +151,6 @@ def write_summary(run_dir: Path, recipe_name: str, rows: list[dict[str, Any]], e
             spent += " (" + ", ".join(f"{k} {v:.1f}" for k, v in row["phases"].items() if v >= 0.05) + ")"
         lines.append(f"| {row['name']} | {row['kind']} | {row['status']} | {spent} | {metrics} |")
     lines += [""] + extra
-    text = "\n".join(lines).rstrip() + "\n"
+    text = redact_text("\n".join(lines).rstrip() + "\n")
     (Path(run_dir) / "summary.md").write_text(text, encoding="utf-8")
     return text

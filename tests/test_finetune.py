@@ -201,6 +201,25 @@ def test_empty_split_exits_2(tiny_model, reviews, tmp_path, capsys):
     assert "the 'validation' split of task 'reviews' is empty" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("problem, expected", [
+    ("regression-with-text-labels", "label 'neg' is not a number, and the task is a regression"),
+    ("one-class", "task 'reviews' has one class only ('pos') in its training split"),
+    ("empty-text", "has 2 rows without text in column 'review' (first: row 3)"),
+], ids=lambda p: p if " " not in p else "")
+def test_finetune_data_problems_exit_2_before_training_and_leave_nothing_behind(tiny_model, reviews, tmp_path, capsys,
+                                                                                problem, expected):
+    rows = [(f"a film, take {i}", "pos" if problem == "one-class" else ["neg", "pos"][i % 2]) for i in range(60)]
+    if problem == "empty-text":
+        rows[2], rows[7] = ("", "neg"), ("   ", "pos")
+    files = dict(reviews, train=_write_csv(tmp_path / "train.csv", rows))
+    task = {"num_labels": 1} if problem == "regression-with-text-labels" else {}
+    assert _run(tmp_path, _custom(tiny_model, files, **task)) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    run = tmp_path / "run"
+    assert not (run / "ft").exists() and not (run / ".partial").exists(), sorted(map(str, run.rglob("*")))
+
+
 def test_conflicting_labels_and_num_labels_fail_validation(tiny_model, reviews, tmp_path, capsys):
     assert _run(tmp_path, _custom(tiny_model, reviews, labels=["neg", "pos"], num_labels=3), "validate") == 2
     assert "num_labels: 3 disagrees with the 2 names in labels" in capsys.readouterr().err

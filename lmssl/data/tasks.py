@@ -7,11 +7,12 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Annotated, Any, Callable, Optional, Union
 
 from lmssl.data.glue import AX, GLUE_TASKS, GlueTask, TaskDefaults, has_training_data, load_split, local_file
 from lmssl.errors import LmsslError, RecipeError
-from lmssl.recipe import DataConfig
+from lmssl.recipe import DataConfig, check_path_name
+from lmssl.schema import Range
 
 ALL_GLUE = "glue"  # in `tasks:`, every GLUE task whose training data is present
 HELD_OUT = 0.1     # share of the training rows used for validation when a task has no validation split
@@ -31,7 +32,7 @@ class TaskSpec:
     """The second text column for pair tasks (entailment, paraphrase)."""
     label_column: str = "label"
     """The label column: class ids or names, or a float for regression."""
-    num_labels: Optional[int] = None
+    num_labels: Optional[Annotated[int, Range(1, 100_000)]] = None
     """Number of classes (1 for regression); None infers it from the labels (a float column is regression)."""
     labels: Optional[list[str]] = None
     """Class names in id order, saved as the model's id2label; None takes the sorted training labels."""
@@ -167,6 +168,7 @@ def check_tasks(tasks: list, glue_dir: Optional[str], where: str) -> None:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise RecipeError(f"{at}: unknown task {task!r}{hint} Known: {', '.join(KNOWN_NAMES)}, or a mapping "
                               "with data, text_column and label_column for your own data")
+        check_path_name(name, f"{at}.name" if isinstance(task, TaskSpec) else at)  # it names folders and files
         if name in seen:
             raise RecipeError(f"{at}: task {name!r} is listed twice")
         seen.add(name)
@@ -255,17 +257,28 @@ def _layout(data, spec: TaskSpec, split: str, labeled: bool, where: str):
     if len(data) == 0:
         raise LmsslError(f"{where}: the {split!r} split of task {spec.name!r} is empty; it needs labeled rows")
     data = data.select_columns(list(wanted)).rename_columns(wanted)
+    for role in ("text", "text_pair"):
+        if role in data.column_names:
+            blank = [i for i, t in enumerate(data[role]) if not isinstance(t, str) or not t.strip()]
+            if blank:
+                column = spec.text_column if role == "text" else spec.pair_column
+                raise LmsslError(f"{where}: the {split!r} split of task {spec.name!r} has {len(blank)} rows without "
+                                 f"text in column {column!r} (first: row {blank[0] + 1}); fill or drop them")
     return data.add_column("idx", list(range(len(data))))
 
 
 def _label_names(spec: TaskSpec, train, where: str) -> Optional[list[str]]:
     """Class names in id order, or None for regression."""
     dtype = str(train.features["label"].dtype) if hasattr(train.features["label"], "dtype") else ""
+    values = set(train["label"])
     if spec.num_labels == 1 or (spec.num_labels is None and spec.labels is None and dtype.startswith("float")):
-        return None
+        return None  # regression: _encode_labels checks that every label is a number
     if spec.labels is not None:
         return list(spec.labels)
-    values = set(train["label"])
+    if len(values) < 2:
+        raise LmsslError(f"{where}: task {spec.name!r} has one class only ({', '.join(sorted(map(repr, values)))}) in its "
+                         "training split; a classifier needs two or more (list them in `labels:`), or set "
+                         "num_labels: 1 for regression")
     if all(isinstance(v, str) for v in values):
         return sorted(values)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -274,10 +287,26 @@ def _label_names(spec: TaskSpec, train, where: str) -> Optional[list[str]]:
     return [str(i) for i in range(spec.num_labels or max(values) + 1)]
 
 
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _encode_labels(data, names: Optional[list[str]], spec: TaskSpec, split: str, where: str):
     import datasets
 
     if names is None:
+        wrong = [i for i, v in enumerate(data["label"]) if not _is_number(v)]
+        if wrong:
+            raise LmsslError(f"{where}: task {spec.name!r}, {split!r} split, row {wrong[0] + 1}: label "
+                             f"{data[wrong[0]]['label']!r} is not a number, and the task is a regression")
         return data.cast_column("label", datasets.Value("float32"))
     ids = {name: i for i, name in enumerate(names)}
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+
+from lmssl.schema import Range, check_ranges
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L") and torchvision's rgb_to_grayscale
 NO_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors and hue shift that change nothing
@@ -25,36 +28,31 @@ NO_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors and
 class ViewOptions:
     """How one view of an image is made (SimCLR's augmentation family). Probabilities are per view."""
 
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[Annotated[float, Range(0, 1, low_open=True)]] = field(default_factory=lambda: [0.08, 1.0])
     """Random resized crop: range of the crop's share of the image area (SimCLR/Inception: 0.08 to 1)."""
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    crop_ratio: list[Annotated[float, Range(0, 100, low_open=True)]] = field(default_factory=lambda: [3 / 4, 4 / 3])
     """Random resized crop: range of the crop's aspect ratio, width over height."""
-    flip: float = 0.5
+    flip: Annotated[float, Range(0, 1)] = 0.5
     """Probability of a horizontal flip (0 for data where left and right matter, such as digits)."""
-    jitter: float = 0.8
+    jitter: Annotated[float, Range(0, 1)] = 0.8
     """Probability of color jitter (brightness, contrast, saturation, hue in random order)."""
-    strength: float = 1.0
+    strength: Annotated[float, Range(0, 4)] = 1.0
     """Color distortion strength s: jitter of 0.8s brightness, contrast, saturation and 0.2s hue
     (SimCLR: 1.0 on ImageNet, 0.5 on CIFAR-10)."""
-    grayscale: float = 0.2
+    grayscale: Annotated[float, Range(0, 1)] = 0.2
     """Probability of turning the view gray (SimCLR: 0.2)."""
-    blur: float = 0.5
+    blur: Annotated[float, Range(0, 1)] = 0.5
     """Probability of a Gaussian blur with a kernel of a tenth of the image side (SimCLR on ImageNet: 0.5;
     its CIFAR-10 runs use none)."""
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_sigma: list[Annotated[float, Range(0, 100, low_open=True)]] = field(default_factory=lambda: [0.1, 2.0])
     """Range of the blur's standard deviation in pixels."""
-    solarize: float = 0.0
+    solarize: Annotated[float, Range(0, 1)] = 0.0
     """Probability of solarizing (pixels above half turned over; BYOL uses 0.2 on its second view)."""
 
     def check(self, where: str) -> None:
         from lmssl.errors import RecipeError
 
-        for name in ("flip", "jitter", "grayscale", "blur", "solarize"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise RecipeError(f"{where}.{name}: a probability between 0 and 1, got {value!r}")
-        if not 0.0 <= self.strength <= 4.0:
-            raise RecipeError(f"{where}.strength: between 0 and 4 (1.0 is SimCLR's ImageNet setting), got {self.strength!r}")
+        check_ranges(self, where)
         for name, ceiling in (("crop_scale", 1.0), ("crop_ratio", math.inf), ("blur_sigma", math.inf)):
             pair = getattr(self, name)
             if len(pair) != 2 or not 0.0 < pair[0] <= pair[1] <= ceiling:

@@ -16,13 +16,14 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 
 from lmssl.data.views import ViewOptions, apply_views
 from lmssl.errors import RecipeError
 from lmssl.models import VIT_FIELDS, sincos_positions, warm_start_overrides
+from lmssl.schema import Range, check_ranges
 from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views,
                                     stack_images, views_of)
 
@@ -32,34 +33,31 @@ from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_g
 class Options:
     """Options of the mae objective (objective_args in a recipe)."""
 
-    mask_ratio: float = 0.75
+    mask_ratio: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.75
     """Share of patches hidden from the encoder (the paper's 75%)."""
     norm_pix_loss: bool = True
     """Predict each patch's pixels normalized by that patch's mean and std (the paper: better features)."""
-    decoder_width: Optional[int] = None
+    decoder_width: Optional[Annotated[int, Range(8, 8192)]] = None
     """Decoder hidden size, a multiple of 4; None: half the encoder's, at least 64 (the paper: 512 beside
     ViT-L's 1024), or a warm-started MAE's own."""
-    decoder_depth: Optional[int] = None
+    decoder_depth: Optional[Annotated[int, Range(1, 64)]] = None
     """Decoder blocks; None: 4, or a warm-started MAE's own (the paper's 8 helps linear probing, 1 suffices
     for fine-tuning)."""
-    decoder_heads: Optional[int] = None
+    decoder_heads: Optional[Annotated[int, Range(1, 1024)]] = None
     """Decoder attention heads, dividing the width; None: one per 32 channels of width (the paper's 16 at
     512), or a warm-started MAE's own."""
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_scale: list[Annotated[float, Range(0, 1, low_open=True)]] = field(default_factory=lambda: [0.2, 1.0])
     """Random resized crop: range of the crop's share of the image (the paper's 0.2 to 1)."""
-    flip: float = 0.5
+    flip: Annotated[float, Range(0, 1)] = 0.5
     """Probability of a horizontal flip (0 for data where left and right matter, such as digits)."""
 
     def check(self, where: str) -> None:
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise RecipeError(f"{where}.mask_ratio: a share in (0, 1), got {self.mask_ratio!r}")
-        if self.decoder_width is not None and not (8 <= self.decoder_width <= 8192 and self.decoder_width % 4 == 0):
-            raise RecipeError(f"{where}.decoder_width: a multiple of 4 between 8 and 8192 (sine-cosine positions "
-                              f"take a quarter each for sin/cos of row and column), got {self.decoder_width!r}")
-        if self.decoder_depth is not None and not 1 <= self.decoder_depth <= 64:
-            raise RecipeError(f"{where}.decoder_depth: between 1 and 64 blocks, got {self.decoder_depth!r}")
+        check_ranges(self, where)
+        if self.decoder_width is not None and self.decoder_width % 4:
+            raise RecipeError(f"{where}.decoder_width: a multiple of 4 (sine-cosine positions take a quarter each "
+                              f"for sin/cos of row and column), got {self.decoder_width!r}")
         width, heads = self.decoder_width, self.decoder_heads
-        if heads is not None and (heads < 1 or (width is not None and width % heads)):
+        if heads is not None and width is not None and width % heads:
             raise RecipeError(f"{where}.decoder_heads: a positive divisor of decoder_width, got {heads!r}")
         ViewOptions(crop_scale=self.crop_scale, flip=self.flip).check(where)
 

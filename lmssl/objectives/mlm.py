@@ -9,7 +9,7 @@ the masked positions (about 15% of tokens), not on the whole sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,27 +18,24 @@ from lmssl.data.packing import pack_blocks, tokenize_column
 from lmssl.errors import RecipeError
 from lmssl.models import MASKED_FAMILIES, build_config
 from lmssl.objectives.base import TextObjective
+from lmssl.schema import Range, check_ranges
 
 
 @dataclass
 class Options:
     """Masking options of the mlm objective (objective_args in a recipe)."""
 
-    mask_rate: float = 0.15
+    mask_rate: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.15
     """Share of (non-special) tokens to predict; BERT's 15%."""
-    mask_token_share: float = 0.8
+    mask_token_share: Annotated[float, Range(0, 1)] = 0.8
     """Of the chosen tokens, this share becomes [MASK] (BERT's 80)..."""
-    random_token_share: float = 0.1
+    random_token_share: Annotated[float, Range(0, 1)] = 0.1
     """...this share a random token (10); the rest stay as they are (10)."""
     whole_word: bool = False
     """Choose whole words, not tokens: every piece of a chosen word is predicted (BERT's WWM)."""
 
     def check(self, where: str) -> None:
-        if not 0.0 < self.mask_rate < 1.0:
-            raise RecipeError(f"{where}.mask_rate: a share in (0, 1), got {self.mask_rate!r}")
-        for key in ("mask_token_share", "random_token_share"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise RecipeError(f"{where}.{key}: a share in [0, 1], got {getattr(self, key)!r}")
+        check_ranges(self, where)
         if self.mask_token_share + self.random_token_share > 1.0:
             raise RecipeError(f"{where}.random_token_share: mask_token_share + random_token_share is "
                               f"{self.mask_token_share + self.random_token_share:g}, more than all chosen tokens (1)")

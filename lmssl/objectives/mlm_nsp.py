@@ -4,6 +4,7 @@ of Deep Bidirectional Transformers for Language Understanding", arXiv:1810.04805
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +14,14 @@ from lmssl.errors import RecipeError
 from lmssl.models import build_config
 from lmssl.objectives.mlm import MaskedLM
 from lmssl.objectives.mlm import Options as MaskOptions
+from lmssl.schema import Range
 
 
 @dataclass
 class Options(MaskOptions):
     """Masking and pairing options of mlm_nsp and sop (objective_args in a recipe)."""
 
-    short_seq_prob: float = 0.1
+    short_seq_prob: Annotated[float, Range(0, 1)] = 0.1
     """Chance that a pair aims at a random shorter length (BERT's 0.1), so short inputs are seen too."""
 
 

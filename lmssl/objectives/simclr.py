@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from lmssl.collectives import gather_with_grad
 from lmssl.data.views import ViewOptions, apply_views
-from lmssl.errors import RecipeError
+from lmssl.schema import Range, check_ranges
 from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views,
                                     stack_images, views_of)
 
@@ -29,21 +30,17 @@ HEAD_FILE = "projection_head.safetensors"
 class Options:
     """Options of the simclr objective (objective_args in a recipe)."""
 
-    temperature: float = 0.2
+    temperature: Annotated[float, Range(0.01, 10)] = 0.2
     """NT-Xent temperature tau (the paper's table 5: 0.1 to 0.5 depending on batch size; 0.2 suits a few hundred pairs)."""
-    projection_dim: int = 128
+    projection_dim: Annotated[int, Range(1, 65536)] = 128
     """Output width of the projection head (the paper's 128)."""
-    projection_hidden: int = 2048
+    projection_hidden: Annotated[int, Range(1, 65536)] = 2048
     """Hidden width of the head's one hidden layer (the paper's: as wide as its ResNet-50 features, 2048)."""
     views: ViewOptions = field(default_factory=ViewOptions)
     """How each of the two views is made (defaults: the paper's ImageNet augmentations; CIFAR: strength 0.5, blur 0)."""
 
     def check(self, where: str) -> None:
-        if not 0.01 <= self.temperature <= 10.0:
-            raise RecipeError(f"{where}.temperature: between 0.01 and 10, got {self.temperature!r}")
-        for key in ("projection_dim", "projection_hidden"):
-            if not 1 <= getattr(self, key) <= 65536:
-                raise RecipeError(f"{where}.{key}: a width between 1 and 65536, got {getattr(self, key)!r}")
+        check_ranges(self, where)
         self.views.check(f"{where}.views")
 
 

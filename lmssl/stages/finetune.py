@@ -9,11 +9,12 @@ import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from lmssl.data.tasks import GLUE_TASKS, Task, TaskSpec, check_tasks, expand_tasks, load_task
 from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import TrainingConfig
+from lmssl.schema import Range
 
 
 @dataclass
@@ -26,25 +27,25 @@ class Config(TrainingConfig):
     glue_dir: Optional[str] = None
     """A local folder in the original glue_data layout (CoLA/, SST-2/, ...; .tsv or .tsv.xz); None reads
     nyu-mll/glue from the hub."""
-    max_train_samples: Optional[int] = None
+    max_train_samples: Optional[Annotated[int, Range(1)]] = None
     """Keep only the first N training rows of each task (quick experiments, tests); None keeps all."""
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[Annotated[int, Range(0, 2**32 - 1)]] = field(default_factory=lambda: [0])
     """Fine-tune once per seed; results are mean and standard deviation over seeds."""
-    max_length: Optional[int] = None
+    max_length: Optional[Annotated[int, Range(8, 65536)]] = None
     """Longest input in tokens (longer texts are truncated); None takes the task's default (128, 64 for SST-2)."""
     scratch_baseline: bool = False
     """Also fine-tune the same architecture from random initialization, for a side-by-side score."""
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[Annotated[float, Range(0, 10, low_open=True)]] = None
     """Peak learning rate; None takes the task's default (2e-5, BERT practice for base-size models)."""
-    epochs: Optional[float] = None
+    epochs: Optional[Annotated[float, Range(0, low_open=True)]] = None
     """Passes over each task's training data; None takes the task's default (3; 5 on the small GLUE tasks)."""
-    batch_size: Optional[int] = None
+    batch_size: Optional[Annotated[int, Range(1)]] = None
     """Examples per device per step; None takes the task's default (32; 16 on the small GLUE tasks)."""
     schedule: Literal["cosine", "linear", "constant"] = "linear"
     """Linear decay after warmup, as in BERT fine-tuning."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.1
     """10% warmup, as in BERT fine-tuning."""
-    save_every: Optional[int] = None
+    save_every: Optional[Annotated[int, Range(1)]] = None
     """Fine-tuning runs are short; checkpoint only when interrupted."""
     trust_remote_code: bool = False
     """Run model code shipped inside model_from (a security decision: off unless you trust that repository)."""
@@ -58,10 +59,6 @@ class Config(TrainingConfig):
             raise RecipeError(f"{where}.tasks: name at least one task")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise RecipeError(f"{where}.seeds: list one or more distinct seeds, got {self.seeds!r}")
-        for key in ("max_length", "batch_size", "learning_rate", "epochs", "max_train_samples"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise RecipeError(f"{where}.{key}: must be positive, got {value!r}")
         check_tasks(self.tasks, self.glue_dir, where)
 
 

@@ -4,12 +4,12 @@ images. The stage follows the objective contract (objectives/base.py) and knows 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from lmssl.errors import RecipeError
 from lmssl.models import ModelConfig, check_model, check_positions
 from lmssl.recipe import DataConfig, TrainingConfig
-from lmssl.schema import parse_dataclass
+from lmssl.schema import Range, parse_dataclass
 
 
 @dataclass
@@ -19,24 +19,19 @@ class KnnConfig:
 
     enabled: bool = True
     """Run the monitor at every evaluation (eval_every and the end) when labels are at hand."""
-    k: int = 20
+    k: Annotated[int, Range(1, 10_000)] = 20
     """Neighbours that vote (20 suits banks of thousands; DINO and solo-learn use 20 and 200 on ImageNet)."""
-    temperature: float = 0.07
+    temperature: Annotated[float, Range(0.001, 100)] = 0.07
     """Votes weigh exp(similarity / temperature) (0.07, as in Wu et al. 2018 and DINO)."""
-    bank_size: int = 10_000
+    bank_size: Annotated[int, Range(10)] = 10_000
     """Labeled training images in the bank, drawn with the seed (features of all of them each evaluation)."""
-    max_queries: int = 10_000
+    max_queries: Annotated[int, Range(1)] = 10_000
     """Held-out images classified per evaluation, at most."""
     data: Optional[DataConfig] = None
     """Labeled images for the monitor: its split is the bank, its eval_split the queries; None takes the
     stage's own data (its training split and its held-out images)."""
 
     def check(self, where: str) -> None:
-        for key, low, high in (("k", 1, 10_000), ("bank_size", 10, 10**8), ("max_queries", 1, 10**8)):
-            if not low <= getattr(self, key) <= high:
-                raise RecipeError(f"{where}.{key}: between {low} and {high}, got {getattr(self, key)!r}")
-        if not 0.001 <= self.temperature <= 100.0:
-            raise RecipeError(f"{where}.temperature: between 0.001 and 100, got {self.temperature!r}")
         if self.data is not None:
             self.data.check(f"{where}.data")
 
@@ -56,11 +51,11 @@ class Config(TrainingConfig):
     documents: Literal["rows", "blank_lines"] = "rows"
     """Text: what a document is: rows (each row of data.column) or blank_lines (rows are lines of text
     and blank lines end a document, as in WikiText). NSP/SOP pairs and EOS joins follow documents."""
-    max_length: int = 128
+    max_length: Annotated[int, Range(8, 65536)] = 128
     """Text: tokens per training sequence, the causal block size (BERT pretrains mostly at 128)."""
-    image_mean: Optional[list[float]] = None
+    image_mean: Optional[list[Annotated[float, Range(0, 1)]]] = None
     """Images: per-channel mean (R, G, B in [0, 1]) to normalize with; None measures the training images."""
-    image_std: Optional[list[float]] = None
+    image_std: Optional[list[Annotated[float, Range(0, 1, low_open=True)]]] = None
     """Images: per-channel standard deviation to normalize with; None measures the training images."""
     knn: KnnConfig = field(default_factory=KnnConfig)
     """Images: the kNN monitor (top-1 of held-out images by their nearest training images' labels)."""

@@ -12,12 +12,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from lmssl.data.views import ViewOptions
 from lmssl.errors import LmsslError, RecipeError
 from lmssl.models import VIT_SHAPE
 from lmssl.recipe import DataConfig, TrainingConfig
+from lmssl.schema import Range
 
 # Fine-tuning defaults for the fields left unset (None), after MAE's fine-tuning recipe (1e-3 peak,
 # warmup, cosine decay, weight decay 0.05), at a batch that suits small data.
@@ -35,26 +36,26 @@ class Config(TrainingConfig):
     """linear: a linear classifier on frozen CLS features; finetune: train the whole ViTForImageClassification."""
     scratch_baseline: bool = False
     """Also probe the same architecture from random initialization, side by side."""
-    knn_k: int = 20
+    knn_k: Annotated[int, Range(1, 10_000)] = 20
     """kNN top-1 beside the probe: neighbours that vote (training images are the bank)."""
-    knn_temperature: float = 0.07
+    knn_temperature: Annotated[float, Range(0.001, 100)] = 0.07
     """kNN votes weigh exp(cosine similarity / temperature)."""
-    l2: Optional[float] = None
+    l2: Optional[Annotated[float, Range(0, 100)]] = None
     """linear: the L2 penalty of the logistic regression; None picks it from 1e-6..1e-1 by accuracy on a
     seeded tenth of the training features, then refits on all of them."""
     views: ViewOptions = field(default_factory=lambda: ViewOptions(jitter=0.0, grayscale=0.0, blur=0.0))
     """finetune: the training augmentation (random resized crop and flip; no color changes)."""
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[Annotated[float, Range(0, 10, low_open=True)]] = None
     """finetune: peak learning rate; None: 1e-3."""
-    epochs: Optional[float] = None
+    epochs: Optional[Annotated[float, Range(0, low_open=True)]] = None
     """finetune: passes over the training images; None: 20."""
-    batch_size: Optional[int] = None
+    batch_size: Optional[Annotated[int, Range(1)]] = None
     """Images per step (finetune); features are computed in batches of twice as many. None: 64."""
-    weight_decay: Optional[float] = None
+    weight_decay: Optional[Annotated[float, Range(0, 10)]] = None
     """finetune: AdamW weight decay; None: 0.05 (as MAE)."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.05
     """5% warmup."""
-    save_every: Optional[int] = None
+    save_every: Optional[Annotated[int, Range(1)]] = None
     """Probes are short; checkpoint only when interrupted."""
 
     REFERENCES = {"model_from": ("pretrain",)}
@@ -71,18 +72,6 @@ class Config(TrainingConfig):
                                       "stage takes ViT backbones")
         if len(set(self.backbones)) != len(self.backbones):
             raise RecipeError(f"{where}.model_from: a backbone is named twice: {self.backbones!r}")
-        for key in ("learning_rate", "epochs", "batch_size"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise RecipeError(f"{where}.{key}: must be positive, got {value!r}")
-        if self.weight_decay is not None and not 0 <= self.weight_decay < 10:
-            raise RecipeError(f"{where}.weight_decay: in [0, 10), got {self.weight_decay!r}")
-        if self.l2 is not None and not 0 <= self.l2 <= 100:
-            raise RecipeError(f"{where}.l2: a penalty in [0, 100], got {self.l2!r}")
-        if not 1 <= self.knn_k <= 10_000:
-            raise RecipeError(f"{where}.knn_k: between 1 and 10000, got {self.knn_k!r}")
-        if not 0.001 <= self.knn_temperature <= 100:
-            raise RecipeError(f"{where}.knn_temperature: between 0.001 and 100, got {self.knn_temperature!r}")
         if self.data.label_column is None:
             raise RecipeError(f"{where}.data.label_column: a probe needs labels; name the label column")
         self.views.check(f"{where}.views")
@@ -204,16 +193,25 @@ def _probe_once(cfg: Config, ctx, backbone, processor_stats, splits, run_dir: Pa
 
 def _labels(backbones: list[str], stages) -> dict[str, str]:
     """A short, distinct row name (and folder name) per backbone: the stage name, else the folder's
-    name, else as much of its path as tells it apart."""
-    labels = {}
+    name, else as much of its path as tells it apart; always a plain folder name (check_path_name)."""
+    import re
+
+    from lmssl.recipe import MAX_NAME, STAGE_DIR_FILES
+
+    def plain(text: str) -> str:
+        text = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).lstrip("-._")[:MAX_NAME] or "backbone"
+        return text + "-backbone" if text.lower() in {r.lower() for r in STAGE_DIR_FILES} else text
+
+    labels: dict[str, str] = {}
     for name in backbones:
-        parts = Path(str(name)).parts
-        depth = 1
-        label = name if name in stages else "-".join(parts[-depth:])
-        while name not in stages and label in labels.values() and depth < len(parts):
+        parts = [p for p in Path(str(name)).parts if p not in ("/", "..", ".")]
+        depth, label = 1, plain(name if name in stages else "-".join(parts[-1:]))
+        while label in labels.values() and depth < len(parts):
             depth += 1
-            label = "-".join(parts[-depth:]).lstrip("/") or label
-        labels[name] = label.replace("/", "-")
+            label = plain("-".join(parts[-depth:]))
+        while label in labels.values():
+            label = plain(label + "-2")
+        labels[name] = label
     return labels
 
 

@@ -8,13 +8,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import yaml
 
-from lmssl.data.corpus import corpus, is_empty, local_files, looks_binary  # noqa: F401  (the stage's corpus API)
+from lmssl.data.corpus import corpus, local_files, unusable  # noqa: F401  (the stage's corpus API)
 from lmssl.errors import LmsslError, RecipeError
 from lmssl.recipe import DataConfig, StageConfig
+from lmssl.schema import Range, check_ranges
 
 SPEC_DIRS = (Path(__file__).resolve().parent.parent.parent / "tokenizers",
              Path(sys.prefix) / "share" / "lmssl" / "tokenizers")
@@ -29,17 +30,17 @@ BYTE_ALPHABET = 256  # byte-level and byte-fallback vocabularies always hold one
 class Config(StageConfig):
     spec: str = "bert-wordpiece"
     """A spec in tokenizers/ (bert-wordpiece, roberta-bytebpe, gpt2-bytebpe, llama-bpe, unigram) or a path to a .yaml spec."""
-    vocab_size: int = 8000
+    vocab_size: Annotated[int, Range(1, 2**31 - 1)] = 8000
     """Target vocabulary size, special tokens included (8k suits a few MB of text; BERT uses 30522)."""
-    min_frequency: int = 2
+    min_frequency: Annotated[int, Range(0)] = 2
     """A merge or word piece must occur this often (2 drops one-off noise; Unigram ignores it)."""
     lowercase: Optional[bool] = None
     """Lowercase text first; None keeps the spec's choice."""
     special_tokens: dict[str, str] = field(default_factory=dict)
     """Override the spec's special tokens by role (bos, eos, unk, sep, pad, cls, mask), e.g. {mask: "<mask>"}."""
-    max_length: int = 512
+    max_length: Annotated[int, Range(1)] = 512
     """model_max_length written into the tokenizer config."""
-    max_bytes: Optional[int] = None
+    max_bytes: Optional[Annotated[int, Range(1)]] = None
     """Train on at most this many bytes of text (bounded memory on huge corpora); None reads all."""
     engine: Literal["auto", "lmssl", "tokenizers"] = "auto"
     """Who trains: lmssl's native trainers (word counts in C, then BPE/WordPiece/Unigram; several times faster),
@@ -55,6 +56,7 @@ class Config(StageConfig):
         return [path.read_text(encoding="utf-8")] if path else []
 
     def check(self, recipe, earlier, where: str) -> None:
+        check_ranges(self, where)  # a recipe's values are checked as it is parsed; this covers configs made in code
         spec = load_spec(self.spec, f"{where}.spec")
         unknown = sorted(set(self.special_tokens) - set(SPECIAL_ROLES))
         if unknown:
@@ -64,15 +66,11 @@ class Config(StageConfig):
             raise RecipeError(
                 f"{where}.vocab_size: {self.vocab_size} leaves no room to learn anything: spec {self.spec!r} needs "
                 f"{smallest - 1} entries for its alphabet and special tokens alone; use a few hundred more at least")
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise RecipeError(f"{where}.max_bytes: {self.max_bytes} must be positive (or null to read everything)")
         self.data.check(f"{where}.data")
         for path in local_files(self.data):
-            if is_empty(path):
-                raise RecipeError(f"{where}.data.files: {str(path)!r} is empty; the tokenizer needs text to learn from")
-            if looks_binary(path):
-                raise RecipeError(f"{where}.data.files: {str(path)!r} looks binary (NUL bytes near its start); "
-                                  "the tokenizer stage trains on text files (.txt, .json, .csv, optionally .xz/.gz)")
+            why = unusable(path)
+            if why:
+                raise RecipeError(f"{where}.data.files: {str(path)!r} {why}")
 
 
 # --------------------------------------------------------------------------- specs
@@ -169,8 +167,11 @@ def _normalizer_steps(spec: dict, lowercase: bool) -> list[dict]:
     return steps
 
 
-def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
-    """Train the spec's tokenizer on batches of texts; return a transformers fast tokenizer."""
+def build(spec: dict, cfg: Config, texts: Iterator[list[str]],
+          reread: Optional[Callable[[], Iterator[list[str]]]] = None):
+    """Train the spec's tokenizer on batches of texts; return (a transformers fast tokenizer, what it was fed).
+    `reread` gives the same batches again, for the library to train on should the native count's
+    self-check fail after the pass (without it, that failure is an error)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -204,8 +205,18 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
         tokenizer.decoder = _component(spec["decoder"], DECODERS, decoders)
 
     fed = _Counter(texts)
-    model = _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, model_options,
-                    common.get("vocab_size", cfg.vocab_size), common.get("initial_alphabet", []))
+    try:
+        model = _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, model_options,
+                        common.get("vocab_size", cfg.vocab_size), common.get("initial_alphabet", []))
+    except _Disagreement as err:
+        text = str(err)
+        shown = repr(text[:80]) + ("..." if len(text) > 80 else "")
+        if reread is None:
+            raise LmsslError(f"stages.{cfg.name}: lmssl's fast word count disagrees with the tokenizer's pipeline on "
+                             f"the text {shown}; set engine: tokenizers (and please report this)") from None
+        print(f"[lmssl] stages.{cfg.name}: the fast word count disagrees with the tokenizer's pipeline on the text "
+              f"{shown}; training with the tokenizers library instead", file=sys.stderr)
+        fed, model = _Counter(reread()), None
     if model is not None:
         tokenizer.model = model
         tokenizer.add_special_tokens(tokens)
@@ -217,8 +228,7 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
             raise LmsslError(f"stages.{cfg.name}: training the {cfg.spec!r} tokenizer failed: {err} (vocab_size "
                              f"{cfg.vocab_size}; is it below the corpus alphabet plus special tokens?)") from None
     if fed.bytes == 0:
-        raise LmsslError(f"stages.{cfg.name}.data: the corpus (path {cfg.data.path!r}, files {cfg.data.files!r}, "
-                         f"column {cfg.data.column!r}) holds no text: every row is blank; point it at a text corpus")
+        raise LmsslError(_nothing_left(cfg, fed))
     if spec.get("byte_fallback"):
         tokenizer = _with_byte_tokens(tokenizer, tokens, unk, model_options)
     learned = tokenizer.get_vocab_size()
@@ -241,13 +251,15 @@ def build(spec: dict, cfg: Config, texts: Iterator[list[str]]):
                                    **{names[role]: token for role, token in specials.items()}), fed
 
 
+class _Disagreement(Exception):
+    """The fast word count differed from the library's pipeline on this text (a bug in lmssl)."""
+
+
 def _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, model_options, vocab_size, alphabet):
     """Train with lmssl's native trainers when allowed and possible; None leaves it to the library.
 
-    The first batch is counted both ways first; if the fast count differs from the library's own
-    pipeline (it should not), the library trains instead and the stage says so."""
-    import itertools
-
+    A seeded sample of texts spread over the whole corpus, drawn as the words are counted, is counted
+    the library's way too; a difference raises _Disagreement before anything is trained."""
     from lmssl import tokenizer_training as native
 
     if cfg.engine == "tokenizers":
@@ -259,14 +271,11 @@ def _native(spec, cfg, tokenizer, steps, fed, tokens, unk, trainer_options, mode
             raise RecipeError(f"stages.{cfg.name}.engine: lmssl cannot train spec {cfg.spec!r} itself: {why}; "
                               "use engine: auto or tokenizers")
         return None
-    raw = iter(fed.batches)
-    first = next(raw, [])
-    fed.batches = itertools.chain([first], raw)
-    if not native.agrees(tokenizer, how, first[:300]):
-        print(f"[lmssl] stages.{cfg.name}: the fast word count disagrees with the tokenizer's pipeline on this corpus; "
-              "training with the tokenizers library instead", file=sys.stderr)
-        return None
-    words, fed.texts, fed.bytes = native.count_words(tokenizer, how, fed.batches)
+    sample = native.SpreadSample(native.CHECK_TEXTS, seed=0)
+    words, fed.texts, fed.bytes = native.count_words(tokenizer, how, fed.batches, sample=sample)
+    differs = native.disagreement(tokenizer, how, sample.texts)
+    if differs is not None:
+        raise _Disagreement(differs)
     try:
         return native.train_model(spec, words, vocab_size, tokens, unk, cfg.min_frequency, trainer_options,
                                   model_options, list(alphabet))
@@ -293,11 +302,45 @@ def _with_byte_tokens(tokenizer, specials: list[str], unk: Optional[str], model_
     return rebuilt
 
 
+def _nothing_left(cfg: Config, fed: "_Counter") -> str:
+    """Why no text reached the trainer: the byte cap, skipped rows, or a corpus of blank rows."""
+    where = f"stages.{cfg.name}"
+    if fed.capped:
+        return (f"{where}.max_bytes: the byte cap of {cfg.max_bytes} bytes left no text to train on (the rows it "
+                "reached are longer, or blank); raise max_bytes, or set it to null to read everything")
+    corpus_is = f"the corpus (path {cfg.data.path!r}, files {cfg.data.files!r}, column {cfg.data.column!r})"
+    if fed.skipped:
+        return (f"{where}.data: every row of {corpus_is} was skipped ({_reasons(fed.skipped, cfg.data.max_chars)}); "
+                "raise data.max_chars or check the column")
+    return f"{where}.data: {corpus_is} holds no text: every row is blank; point it at a text corpus"
+
+
+def _reasons(skipped: dict[str, int], max_chars: int) -> str:
+    """Rows skipped as bad, in words: "2 too long (over data.max_chars = 1,000 characters), 1 missing"."""
+    named = {"too_long": f"too long (over data.max_chars = {max_chars:,} characters)", "not_text": "not text"}
+    return ", ".join(f"{n:,} {named.get(reason, reason)}" for reason, n in sorted(skipped.items()))
+
+
+def _skipped_line(skipped: dict[str, int], max_chars: int) -> str:
+    """The report's sentence on rows left out as bad ("" when none were)."""
+    total = sum(skipped.values())
+    return f"\nSkipped {total:,} row{'s' * (total != 1)}: {_reasons(skipped, max_chars)}.\n" if total else ""
+
+
 class _Counter:
-    """Wraps the batch iterator handed to the trainer and counts what it fed (bytes, texts), and who trained."""
+    """Wraps the batch iterator handed to the trainer and counts what it fed (bytes, texts), and who trained;
+    rows the corpus reader left out (skipped as bad, cut by max_bytes) are read from the batches it made."""
 
     def __init__(self, batches: Iterator[list[str]]):
         self.batches, self.bytes, self.texts, self.engine = batches, 0, 0, "tokenizers"
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(getattr(self.batches, "skipped", {}))
+
+    @property
+    def capped(self) -> bool:
+        return bool(getattr(self.batches, "capped", False))
 
     def __iter__(self):
         for batch in self.batches:
@@ -315,20 +358,21 @@ def run(cfg: Config, ctx):
 
     where = f"stages.{cfg.name}"
     spec = load_spec(cfg.spec, f"{where}.spec")
-    metrics: dict[str, Any] = {}
     if ctx.is_main:
         with ctx.phase("train"):  # the corpus is read as the trainer consumes it: reading counts as training
             batches, heldout = corpus(cfg, ctx.seed, where)
-            tokenizer, fed = build(spec, cfg, batches)
+            tokenizer, fed = build(spec, cfg, batches, reread=lambda: corpus(cfg, ctx.seed, where)[0])
         with ctx.phase("save"):
             tokenizer.save_pretrained(ctx.out_dir)
         with ctx.phase("eval"):
             card = report_card(AutoTokenizer.from_pretrained(ctx.out_dir), heldout, name=cfg.spec)
-            card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts, "engine": fed.engine}
+            card["trained_on"] = {"bytes": fed.bytes, "texts": fed.texts, "engine": fed.engine, "skipped": fed.skipped}
             write_card(card, ctx.out_dir)
     ctx.accelerator.wait_for_everyone()  # other processes wait here, then load what the main one saved
     AutoTokenizer.from_pretrained(ctx.out_dir)  # every process checks that the saved folder loads
     card = json.loads((ctx.out_dir / "report.json").read_text())
-    metrics = {k: v for k, v in card.items() if isinstance(v, (int, float))}
+    skipped = {f"data/skipped_{reason}": float(n) for reason, n in card["trained_on"].get("skipped", {}).items()}
+    metrics = {**{k: v for k, v in card.items() if isinstance(v, (int, float))}, **skipped}
     headline = {k: metrics[k] for k in ("vocab_size", "fertility", "bytes_per_token", "roundtrip_exact") if k in metrics}
-    return StageResult(ctx.out_dir, metrics, headline=headline, report=format_card(card))
+    report = format_card(card) + _skipped_line(card["trained_on"].get("skipped", {}), cfg.data.max_chars)
+    return StageResult(ctx.out_dir, metrics, headline={**headline, **skipped}, report=report)
