@@ -1,4 +1,4 @@
-"""The command line: `lmssl run | validate | report | fields`, also as `python -m lmssl` and under
+"""The command line: `lmssl run | validate | push | report | fields`, also as `python -m lmssl` and under
 `accelerate launch -m lmssl run ...`. User mistakes print one paragraph and exit with code 2."""
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--encoding", default="utf-8", help="encoding of the text files (latin-1 for some Gutenberg books)")
     report.add_argument("--max-bytes", type=int, default=2_000_000, help="read at most this many bytes of text")
 
+    push = sub.add_parser("push", help="push a finished stage folder (or one model in it) to the Hub")
+    push.add_argument("folder", help="RUN_DIR/STAGE, or RUN_DIR/STAGE/TASK for one fine-tuned model")
+    push.add_argument("repo_id", help="namespace/name; a stage with several models pushes each to <repo_id>-<name>")
+    push.add_argument("--revision", help="branch to push to (made from main when missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+
     fields = sub.add_parser("fields", help="list the fields of a stage kind (or the recipe) with their docs")
     fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune, probe; omit for the recipe's top level")
     return parser
@@ -67,6 +73,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "fields":
             return _fields(args.kind)
+        if args.command == "push":
+            from lmssl.sharing import push_command
+
+            print(push_command(args.folder, args.repo_id, args.revision, args.private))
+            return 0
         if args.command == "report":
             if args.max_bytes < 1:
                 raise LmsslError(f"--max-bytes: {args.max_bytes} is out of range; it must be >= 1")

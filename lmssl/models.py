@@ -57,6 +57,8 @@ class ModelConfig:
     vit-ti (12x192), vit-s (12x384), vit-b (12x768)."""
     init_from: Optional[str] = None
     """Warm start from a folder or hub id instead of random initialization."""
+    revision: Optional[str] = None
+    """init_from's branch, tag or commit when it is a hub id (pin it for a reproducible run); None reads main."""
     trust_remote_code: bool = False
     """Run model code shipped inside init_from (a security decision: off unless you trust that repository)."""
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -18,13 +18,14 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 import yaml
 
 from lmssl.errors import RecipeError
+from lmssl.hub import HUB_ID, LOADER_BUILDERS
 from lmssl.schema import Range, parse_dataclass
 
 # Names lmssl itself writes in a run directory and in a stage folder: no stage, task or backbone may take one.
 RUN_DIR_FILES = frozenset({"summary.md", ".partial", ".lmssl.lock"})
 STAGE_DIR_FILES = frozenset({"stage.json", "metrics.jsonl", "tensorboard", "checkpoints", "loss.png", "README.md",
                              "runs", "submission", "results.json", "results.md", "report.json", "report.md",
-                             "pretraining", "scratch"})
+                             "pretraining", "scratch", "results.png", ".hub-snapshots"})
 MAX_NAME = 128  # leaves room for what lmssl adds (-<fingerprint>, -scratch-seed<N>, .tsv) within 255 bytes
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
@@ -39,10 +40,6 @@ def check_path_name(name: str, where: str, reserved: frozenset = STAGE_DIR_FILES
                           f"at most {MAX_NAME} characters, no path separators")
     if name.lower() in {r.lower() for r in reserved} or name.split(".")[0].lower() in WINDOWS_DEVICES:
         raise RecipeError(f"{where}: {name!r} is a name lmssl (or the file system) reserves; choose another")
-
-
-LOADER_BUILDERS = ("text", "csv", "json", "parquet", "arrow", "imagefolder", "webdataset")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass
@@ -77,6 +74,8 @@ class DataConfig:
     """Stream instead of downloading/reading everything first (corpora larger than memory or disk)."""
     encoding: Optional[str] = None
     """Text encoding of local files (latin-1 for some Gutenberg books); None means UTF-8."""
+    revision: Optional[str] = None
+    """A hub dataset's branch, tag or commit (pin it for a reproducible run); None reads main."""
     max_chars: Annotated[int, Range(1)] = 1_000_000
     """Rows longer than this many characters are skipped and counted (a 10 MB line is broken data, not a document)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +119,35 @@ class DataConfig:
             )
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.{}-]{0,95}$")
+
+
+@dataclass
+class PushConfig:
+    """Where a stage's outputs go on the Hub. The token comes from HF_TOKEN or `hf auth login`, never from
+    the recipe; it is never printed or written."""
+
+    repo_id: str = ""
+    """namespace/name. A stage that makes several models (a finetune stage's tasks, a probe's backbones)
+    pushes each to repo_id with {name} replaced by the task or backbone, or to <repo_id>-<name>."""
+    private: bool = True
+    """Create the repository private (an existing repository keeps its visibility)."""
+    revision: Optional[str] = None
+    """The branch to push to (created from main when missing); None pushes to main."""
+    strategy: Literal["end", "checkpoints"] = "end"
+    """end: push the finished folder. checkpoints (pretrain): also push the model of every saved checkpoint
+    as branch step-<N>, in the background while training goes on."""
+
+    def check(self, where: str, kind: str) -> None:
+        if not REPO_ID.match(self.repo_id) or ".." in self.repo_id or "--" in self.repo_id:
+            raise RecipeError(f"{where}.repo_id: {self.repo_id!r} is not a Hub repository id like 'me/my-model'")
+        if self.revision is not None and (not re.match(r"^[\w.-]{1,128}$", self.revision) or ".." in self.revision
+                                          or self.revision.startswith("-")):
+            raise RecipeError(f"{where}.revision: {self.revision!r} is not a branch name (letters, digits, . _ -)")
+        if self.strategy == "checkpoints" and kind != "pretrain":
+            raise RecipeError(f"{where}.strategy: checkpoints are pushed from pretrain stages only; use end for {kind}")
+
+
 @dataclass
 class StageConfig:
     """Fields every stage has. Fields ending in `_from` name an earlier stage (or a folder/hub id)."""
@@ -128,6 +156,8 @@ class StageConfig:
     """The stage's name: its output folder under the run directory and how later stages refer to it."""
     kind: str = ""
     """The stage kind: tokenizer, pretrain, finetune, probe."""
+    push_to_hub: Optional[PushConfig] = None
+    """Push what the stage made to the Hub: {repo_id, private, revision, strategy}; None keeps it local."""
 
     # Which stage kinds each *_from field may name; a value that is no stage name is a folder or hub id.
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -228,8 +258,12 @@ class Recipe:
     """Default micro-batches per optimizer step for every training stage."""
     run_dir: Optional[str] = None
     """Where stage folders go; default runs/<name>. The CLI's --run-dir wins."""
-    hub: dict[str, Any] = field(default_factory=dict)
-    """Push settings (repo prefix, private); pushing happens only when asked."""
+    license: str = "other"
+    """The license written into every model card (a Hub license id: apache-2.0, mit, cc-by-4.0, ...; other
+    when you have not decided: mind the licenses of the data you trained on)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers for every training stage, through Accelerate: tensorboard, wandb, mlflow, comet_ml,
+    aim, clearml, dvclive, swanlab, trackio; [] or [none] for none. metrics.jsonl is always written."""
     stages: list[Any] = field(default_factory=list)
     """The stages, run in order; each is a mapping with name, kind and that kind's fields."""
     source: Optional[str] = None
@@ -354,6 +388,11 @@ def parse_raw(raw: dict, kinds: dict[str, type]) -> Recipe:
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError("stages: a recipe needs a non-empty list of stages")
     top = {k: v for k, v in raw.items() if k != "stages"}
+    if "hub" in top:
+        raise RecipeError("hub: a recipe-level hub section pushes nothing; give each stage to share "
+                          "push_to_hub: {repo_id: me/name} (the token comes from HF_TOKEN or `hf auth login`)")
+    if isinstance(top.get("report_to"), str):  # report_to: wandb, as TrainingArguments takes it
+        top["report_to"] = [top["report_to"]]
     recipe = parse_dataclass(Recipe, top, "")
     for index, entry in enumerate(stages_raw):
         if not isinstance(entry, dict):
@@ -373,6 +412,11 @@ def parse_raw(raw: dict, kinds: dict[str, type]) -> Recipe:
 
 def check_recipe(recipe: Recipe) -> None:
     """Cross-stage checks: unique names, references to earlier stages of the right kind, files."""
+    from lmssl.hub import check_license
+    from lmssl.tracking import check_trackers  # noqa: I001
+
+    check_license(recipe.license, "license")
+    check_trackers(recipe.report_to, "report_to")
     seen: dict[str, StageConfig] = {}
     order = {s.name: i for i, s in enumerate(recipe.stages)}
     for stage in recipe.stages:
@@ -380,6 +424,8 @@ def check_recipe(recipe: Recipe) -> None:
         if stage.name in seen:
             raise RecipeError(f"{where}.name: two stages are named {stage.name!r}; names must be unique")
         check_path_name(stage.name, f"{where}.name", RUN_DIR_FILES)
+        if stage.push_to_hub is not None:
+            stage.push_to_hub.check(f"{where}.push_to_hub", stage.kind)
         for ref, value in stage.references():
             kinds = stage.REFERENCES[ref]
             if value in seen:
@@ -393,10 +439,11 @@ def check_recipe(recipe: Recipe) -> None:
                 )
             elif Path(value).expanduser().exists():
                 continue
-            elif value.startswith((".", "/", "~")) or not HUB_ID.match(value) or "/" not in value:
+            elif value.startswith((".", "/", "~")) or not HUB_ID.match(value.split("@")[0]) or "/" not in value \
+                    or value.count("@") > 1 or value.endswith("@"):
                 raise RecipeError(
                     f"{where}.{ref}: {value!r} names no earlier stage ({', '.join(seen) or 'none'}), "
-                    "no existing folder, and is not a hub id like 'org/name'"
+                    "no existing folder, and is not a hub id like 'org/name' (or 'org/name@revision')"
                 )
         stage.check(recipe, dict(seen), where)
         seen[stage.name] = stage

@@ -21,7 +21,9 @@ from typing import Any, Optional
 
 from lmssl.data.builtin import FORMAT as BUILTIN_FORMAT
 import lmssl.rundir as rundir
+import lmssl.sharing as sharing
 from lmssl.errors import LmsslError, RecipeError
+from lmssl.hub import CheckpointPusher
 from lmssl.recipe import Recipe, StageConfig
 from lmssl.redact import redact
 from lmssl.stages.base import StageContext, StageResult
@@ -88,7 +90,12 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=recipe.mixed_precision,
+    import torch
+
+    # Several processes on a machine without CUDA (accelerate launch with a multi-process config): they are
+    # CPU processes, gloo, whatever the config's distributed type says (no key of the config can say so).
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=recipe.mixed_precision, cpu=cpu,
                               gradient_accumulation_steps=recipe.gradient_accumulation_steps)
     set_seed(recipe.seed)
     return accelerator
@@ -118,6 +125,9 @@ def run_recipe(recipe: Recipe, run_dir: Optional[str | Path] = None, force: tupl
     problem = None
     if accelerator.is_main_process:
         try:
+            from lmssl.sharing import preflight
+
+            preflight(recipe)                    # login, offline mode, hub inputs: seconds, before any stage
             rundir.prepare(run_dir)
             problem = lock.acquire()
         except LmsslError as err:
@@ -155,6 +165,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
 
     outputs: dict[str, StageResult] = {}
     rows = []
+    failures: list[str] = []  # pushes that failed: reported after every stage has run and been saved
     for stage in recipe.stages:
         started = time.time()
         fp = fingerprint(stage, recipe, outputs)
@@ -171,6 +182,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
                 rows.append({"name": stage.name, "kind": stage.kind, "status": "skipped (up to date)",
                              "seconds": time.time() - started, "headline": result.headline, "report": result.report})
                 accelerator.print(f"[{stage.name}] up to date, skipped")
+                if accelerator.is_main_process and not sharing.pushed_everything(stage, record, final):
+                    failures += sharing.push_stage(stage, final)  # a push that failed last time
                 continue
 
         partial = run_dir / ".partial" / f"{stage.name}-{fp[:16]}"
@@ -188,14 +201,23 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
             accelerator=accelerator, run_dir=run_dir, outputs=dict(outputs), out_dir=partial, seed=recipe.seed,
             gradient_accumulation_steps=getattr(stage, "gradient_accumulation_steps", None)
             or recipe.gradient_accumulation_steps,
-            recipe_raw=recipe.raw,
+            recipe_raw=recipe.raw, report_to=tuple(n for n in recipe.report_to if n != "none"), license=recipe.license,
         )
+        pusher = None
+        if stage.push_to_hub is not None and stage.push_to_hub.strategy == "checkpoints":
+            pusher = CheckpointPusher(stage.push_to_hub, partial / ".hub-snapshots", accelerator.is_main_process,
+                                      lambda message, name=stage.name: accelerator.print(f"[{name}] {message}"))
+            ctx.on_save = pusher.on_save
         try:
             result = STAGES[stage.kind].run(stage, ctx)
         except LmsslError:  # bad data or settings found while running: keep only what a rerun can resume
+            if pusher is not None:
+                pusher.finish()
             if accelerator.is_main_process:
                 rundir.discard_unresumable(partial)
             raise
+        if pusher is not None:
+            failures += [f"stages.{stage.name}: checkpoint {line}" for line in pusher.finish()]
         result.fingerprint = fp
         seconds = time.time() - started
         phases = {**ctx.phases, "other": max(0.0, seconds - sum(ctx.phases.values()))}
@@ -203,6 +225,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+            sharing.complete_cards(stage, partial, final, sharing.facts(
+                accelerator, recipe, seconds, phases, fp, _data_fingerprint(dataclasses.asdict(stage))))
             write_json(partial / "stage.json", {
                 "name": stage.name, "kind": stage.kind, "fingerprint": fp,
                 "config": redact(dataclasses.asdict(stage)), "metrics": result.metrics, "headline": result.headline,
@@ -217,6 +241,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
                 final.rename(old)                                 # checked above: lmssl's own
             partial.rename(final)
             rundir.remove(old)
+            if stage.push_to_hub is not None:                     # the local folder is complete: now share it
+                failures += sharing.push_stage(stage, final)
         accelerator.wait_for_everyone()
         result.path = final
         outputs[stage.name] = result
@@ -229,4 +255,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
         extra = [row["report"] for row in rows if row["report"]]
         text = write_summary(run_dir, recipe.name, rows, extra)
         print("\n" + text + f"\nOutputs in {run_dir}/ (summary.md, one folder per stage)")
+    failures = _from_main(accelerator, failures)
+    if failures:
+        raise LmsslError("pushing to the Hub failed; every local output is complete:\n  " + "\n  ".join(failures))
     return outputs

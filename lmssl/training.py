@@ -143,11 +143,14 @@ class _StopFlag:
 
 def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, accelerator, out_dir: Path,
           ckpt_dir: Optional[Path], seed: int, accumulation: int, desc: str = "train",
-          on_eval: Optional[Callable[[int], dict[str, float]]] = None) -> TrainResult:
+          on_eval: Optional[Callable[[int], dict[str, float]]] = None, report_to: tuple[str, ...] = ("tensorboard",),
+          on_save: Optional[Callable[[int, torch.nn.Module], None]] = None) -> TrainResult:
     """Train `model` with `objective` for cfg.max_steps (or cfg.epochs); resume from ckpt_dir if it holds one.
 
     `on_eval(step)`, when given, runs on every process after each evaluation (a stage scoring its
-    task metric and keeping the best weights, say); the metrics it returns are logged too."""
+    task metric and keeping the best weights, say); the metrics it returns are logged too.
+    `on_save(step, model)` runs on every process after each checkpoint is written (not on interruption).
+    `report_to` names the Accelerate trackers the metrics go to, beside metrics.jsonl."""
     started = time.perf_counter()
     clock = {"eval": 0.0, "save": 0.0}  # the rest of this call's wall time is training
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -188,7 +191,7 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
         collate_fn=make_collate(objective.collate), num_workers=cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    tracker = Tracker(out_dir, accelerator.is_main_process, total_steps, step, desc)
+    tracker = Tracker(out_dir, accelerator.is_main_process, total_steps, step, desc, report_to)
 
     def loop_state() -> dict[str, Any]:
         return {"micro": micro, "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
@@ -281,6 +284,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                 begun = time.perf_counter()
                 checkpoint.save(accelerator, ckpt_dir, step, module, optimizer, scheduler, loop_state(),
                                 cfg.keep_checkpoints)
+                if on_save is not None and not stop_now.item() > 0:
+                    on_save(step, model)
                 clock["save"] += time.perf_counter() - begun
             if stop_now.item() > 0:
                 tracker.close()

@@ -76,7 +76,8 @@ def test_phase_timings_add_up_to_each_stage_wall_time_and_throughput_is_tokens_o
         phases = record["phases"]
         assert set(phases) == {"prepare", "train", "eval", "save", "other"}
         named = sum(v for k, v in phases.items() if k != "other")
-        assert named == pytest.approx(record["seconds"], rel=0.05), (stage, phases, record["seconds"])
+        # phases are stored rounded to 0.01 s: five of them may be off by 0.025 s together
+        assert named == pytest.approx(record["seconds"], rel=0.05, abs=0.03), (stage, phases, record["seconds"])
         assert phases["train"] > 0
     pre = json.loads((run_dir / "pre" / "stage.json").read_text())
     metrics = pre["metrics"]

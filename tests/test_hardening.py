@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
 import json
 import lzma
 import os

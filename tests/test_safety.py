@@ -62,15 +62,15 @@ def test_checkpoint_state_is_loaded_weights_only(accelerator, tmp_path, monkeypa
 
 
 def test_hub_token_in_a_recipe_never_reaches_the_run_folder(tmp_path):
+    """(A token belongs in HF_TOKEN; one written into data options anyway is hidden everywhere.)"""
     from lmssl import load_recipe
     from lmssl.runner import run_recipe
 
     secret = "hf_ThisMustNeverBeWritten123"
     (tmp_path / "r.yaml").write_text(f"""\
 name: secret
-hub: {{token: {secret}, repo_prefix: me}}
 stages:
-  - {{name: tok, kind: tokenizer, vocab_size: 300, data: {{path: "builtin:pydocs", max_samples: 200}}}}
+  - {{name: tok, kind: tokenizer, vocab_size: 300, data: {{path: "builtin:pydocs", max_samples: 200, options: {{token: {secret}}}}}}}
   - name: pre
     kind: pretrain
     tokenizer_from: tok
@@ -84,7 +84,7 @@ stages:
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file() and path.suffix in {".json", ".md", ".jsonl", ".txt", ".yaml"}:
             assert secret not in path.read_text(errors="ignore"), path
-    assert "<hidden>" in (tmp_path / "run" / "pre" / "README.md").read_text()
+    assert "<hidden>" in (tmp_path / "run" / "tok" / "README.md").read_text()  # the tokenizer card shows its section
 
 
 def test_code_shipped_in_a_model_folder_never_runs_unless_the_recipe_trusts_it(tmp_path):

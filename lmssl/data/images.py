@@ -298,7 +298,8 @@ def _load_dataset(cfg: DataConfig, split: str, key: str):
     files = {"train": cfg.files} if isinstance(cfg.files, (str, list)) else cfg.files
     try:
         return datasets.load_dataset(cfg.path, name=cfg.config, data_files=files, data_dir=cfg.data_dir,
-                                     split=split, **cfg.options)
+                                     split=split, **({"revision": cfg.revision} if cfg.revision else {}),
+                                     **cfg.options)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err
         raise LmsslError(f"{key}: could not load {cfg.path!r} split {split!r} from {cfg.files or cfg.data_dir or cfg.path}: "

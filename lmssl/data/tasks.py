@@ -230,7 +230,8 @@ def _read(spec: TaskSpec, split: str, where: str):
     files = {"train": data.files} if isinstance(data.files, (str, list)) else data.files
     if isinstance(files, dict) and split in files:  # read this split's files alone: splits may differ in columns
         files = {split: files[split]}
-    kwargs = dict(data.options, **({"encoding": data.encoding} if data.encoding else {}))
+    kwargs = dict(data.options, **({"encoding": data.encoding} if data.encoding else {}),
+                  **({"revision": data.revision} if data.revision else {}))
     try:
         return datasets.load_dataset(data.path, name=data.config, data_files=files, data_dir=data.data_dir,
                                      split=split, **kwargs)

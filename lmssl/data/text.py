@@ -17,6 +17,11 @@ LINES_PER_BATCH = 10_000
 STREAM_CHUNK = 10_000
 
 
+def _revision(cfg: DataConfig) -> dict:
+    """load_dataset's revision argument, for a hub dataset pinned to a branch, tag or commit."""
+    return {"revision": cfg.revision} if cfg.revision else {}
+
+
 def _load(cfg: DataConfig, split: str):
     import datasets
 
@@ -35,7 +40,7 @@ def _load(cfg: DataConfig, split: str):
         kwargs.setdefault("encoding_errors", "replace")
     try:
         return datasets.load_dataset(cfg.path, name=cfg.config, data_files=files, data_dir=cfg.data_dir,
-                                     split=split, streaming=cfg.streaming, **kwargs)
+                                     split=split, streaming=cfg.streaming, **_revision(cfg), **kwargs)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err  # generation errors wrap the parser's own error
         raise LmsslError(f"could not load {cfg.path!r} split {split!r} from {cfg.files or cfg.data_dir or cfg.path}: "

@@ -36,6 +36,14 @@ class StageContext:
     seed: int = 0
     gradient_accumulation_steps: int = 1
     recipe_raw: dict = field(default_factory=dict)
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """The recipe's trackers, for every training loop the stage runs."""
+    license: str = "other"
+    """The recipe's license, for the model cards."""
+    on_save: Optional[Any] = None
+    """on_save(step, save_to), called on every process after each checkpoint a pretraining loop writes;
+    save_to(folder) writes the model as from_pretrained loads it (the runner's hook that pushes checkpoints
+    to the Hub as branches). None when nothing wants them."""
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     """Seconds spent so far in each phase (see PHASES)."""
 
@@ -68,10 +76,21 @@ class StageContext:
     def print(self, *args) -> None:
         self.accelerator.print(*args)
 
-    def resolve(self, reference: Optional[str]) -> Optional[Path | str]:
-        """A *_from value: an earlier stage's folder, else the folder or hub id as given."""
+    def resolve(self, reference: Optional[str], revision: Optional[str] = None) -> Optional[Path | str]:
+        """A *_from value: an earlier stage's folder, a local folder, or a hub id (`org/name`, or
+        `org/name@revision`) fetched into the HF cache (offline: read from it), as a local folder."""
+        from lmssl.hub import is_hub_id, split_revision
+
         if reference is None:
             return None
         if reference in self.outputs:
             return self.outputs[reference].path
-        return reference
+        if not is_hub_id(reference):
+            return reference
+        from huggingface_hub import snapshot_download
+
+        from lmssl.hub import hub_errors
+
+        repo_id, pinned = split_revision(reference)
+        with self.main_process_first(), hub_errors(f"fetch {reference!r} from the Hub"):
+            return Path(snapshot_download(repo_id, revision=pinned or revision))

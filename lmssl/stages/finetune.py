@@ -145,7 +145,7 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
     result = train(objective, model, prepared["train"], prepared[first],
                    dataclasses.replace(cfg, eval_every=epoch_steps), ctx.accelerator, run_dir, run_dir / "checkpoints",
                    seed, ctx.gradient_accumulation_steps, desc=f"{task.name}{'-scratch' if scratch else ''}/seed{seed}",
-                   on_eval=score_and_keep_best)
+                   on_eval=score_and_keep_best, report_to=ctx.report_to)
     ctx.add_phases(result.seconds)
     model = ctx.accelerator.unwrap_model(model)
     model.load_state_dict(best["state"])
@@ -183,6 +183,15 @@ def _table(rows: list[dict], scratch: bool) -> list[str]:
     return table
 
 
+def _task_dataset(entry) -> tuple[str, str]:
+    """(dataset type, name) of a task for the card: GLUE's hub dataset, or the task's own data."""
+    from lmssl.hub import dataset_ref
+
+    if isinstance(entry, str) and entry in GLUE_TASKS:
+        return "nyu-mll/glue", f"GLUE {entry.upper()}"
+    return dataset_ref(entry.data) if isinstance(entry, TaskSpec) else (entry, entry)
+
+
 def _grouped(rows: list[dict]) -> dict:
     out: dict = {}
     for row in rows:
@@ -194,7 +203,7 @@ def run(cfg: Config, ctx):
     from transformers import AutoTokenizer
 
     from lmssl.evaluation import task_score
-    from lmssl.hub import save_model, write_json, write_model_card
+    from lmssl.hub import base_model_of, eval_result, is_hub_id, save_model, write_json, write_model_card
     from lmssl.models import fit_tokenizer
     from lmssl.objectives.classification import SequenceClassification
     from lmssl.stages.base import StageResult
@@ -257,23 +266,38 @@ def run(cfg: Config, ctx):
             if not scratch and ctx.is_main and task.tests:
                 _write_submission(ctx.out_dir / "submission", task, best[1]["tests"])
         if ctx.is_main:
-            write_model_card(
-                ctx.out_dir / task.name, title=f"{task.name} fine-tuned from {cfg.model_from}",
-                summary=(f"Fine-tuned by lmssl stage `{cfg.name}` on task `{task.name}` (learning rate "
-                         f"{settings.learning_rate}, {settings.epochs} epochs, batch {settings.batch_size}, "
-                         f"max length {settings.max_length}); the best of seeds {cfg.seeds} by validation score."),
-                recipe_raw=ctx.recipe_raw, stage_name=cfg.name,
-                metrics={k: v for k, v in metrics.items() if k.startswith(task.name + "/")},
-                pipeline_tag="text-classification", tags=("text-classification", task.name),
-            )
+            with ctx.phase("save"):
+                best_seed = next(r["best_seed"] for r in rows if r["task"] == task.name and r["init"] == "pretrained")
+                curve = ctx.out_dir / "runs" / f"{task.name}-pretrained-seed{best_seed}" / "loss.png"
+                if curve.exists():  # the kept model's own training curve, beside its card
+                    shutil.copyfile(curve, ctx.out_dir / task.name / "loss.png")
+                write_model_card(
+                    ctx.out_dir / task.name, title=f"{task.name} fine-tuned from {cfg.model_from}",
+                    summary=(f"Fine-tuned by lmssl stage `{cfg.name}` on task `{task.name}` (learning rate "
+                             f"{settings.learning_rate}, {settings.epochs} epochs, batch {settings.batch_size}, "
+                             f"max length {settings.max_length}); the best of seeds {cfg.seeds} by validation score."),
+                    recipe_raw=ctx.recipe_raw, stage_name=cfg.name,
+                    metrics={k: v for k, v in metrics.items() if k.startswith(task.name + "/")},
+                    pipeline_tag="text-classification", tags=("text-classification", task.name), license_id=ctx.license,
+                    base_model=base_model_of(cfg.model_from, ctx.recipe_raw),
+                    datasets=(_task_dataset(entry)[0],) if is_hub_id(_task_dataset(entry)[0]) else (),
+                    eval_results=tuple(
+                        eval_result("text-classification", *_task_dataset(entry), r["metric"], r["mean"],
+                                    dataset_config=task.name if task.name in GLUE_TASKS else None,
+                                    dataset_split="validation")
+                        for r in rows if r["task"] == task.name and r["init"] == "pretrained"),
+                )
     table = _table(rows, cfg.scratch_baseline)
     glue_means = [statistics.fmean(r["mean"] for r in rows if r["task"] == t and r["init"] == "pretrained")
                   for t in dict.fromkeys(r["task"] for r in rows) if t in GLUE_TASKS]
     if len(glue_means) > 1:
         metrics["glue/pretrained/average"] = statistics.fmean(glue_means)
     if ctx.is_main:
-        write_json(ctx.out_dir / "results.json", {"results": rows, "metrics": metrics})
-        (ctx.out_dir / "results.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+        with ctx.phase("save"):
+            write_json(ctx.out_dir / "results.json", {"results": rows, "metrics": metrics})
+            (ctx.out_dir / "results.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+            from lmssl.plots import finetune_bars, plot_results
+            plot_results(finetune_bars(rows), ctx.out_dir / "results.png", f"{cfg.name}: validation, mean ± std of seeds")
     report = f"## {cfg.name}: fine-tuning results (validation, x100, mean ± std over seeds)\n\n" + "\n".join(table)
     if "glue/pretrained/average" in metrics:
         report += f"\n\nGLUE average over {len(glue_means)} tasks: {100 * metrics['glue/pretrained/average']:.1f}"

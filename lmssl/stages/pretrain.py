@@ -3,6 +3,7 @@ images. The stage follows the objective contract (objectives/base.py) and knows 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional
 
@@ -121,7 +122,7 @@ def _knn_monitor(cfg: Config, ctx, objective, model, splits, where: str):
 
 
 def run(cfg: Config, ctx):
-    from lmssl.hub import write_model_card
+    from lmssl.hub import dataset_ref, eval_result, is_hub_id, write_model_card
     from lmssl.objectives import OBJECTIVES
     from lmssl.stages.base import StageResult
     from lmssl.training import train
@@ -129,6 +130,10 @@ def run(cfg: Config, ctx):
     where = f"stages.{cfg.name}"
     objective_cls = OBJECTIVES[cfg.objective]
     options = parse_dataclass(objective_cls.Options, cfg.objective_args, f"{where}.objective_args")
+    base_model = cfg.model.init_from if is_hub_id(cfg.model.init_from) else None
+    if base_model:  # a hub checkpoint (at model.revision): fetched into the HF cache, then read as a folder
+        local = ctx.resolve(cfg.model.init_from, cfg.model.revision)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(local)))
     with ctx.phase("prepare"):
         with ctx.main_process_first():
             splits = objective_cls.read(cfg, ctx.seed, where)
@@ -139,12 +144,16 @@ def run(cfg: Config, ctx):
         model = objective.build_model(cfg.model)
         objective.check_model(model, where)
         monitor = _knn_monitor(cfg, ctx, objective, model, splits, where) if objective.modality == "image" else None
+    def push_checkpoint(step, trained):  # strategy: checkpoints; the runner's hook gets a saver for this step
+        ctx.on_save(step, lambda folder: objective.save(ctx.accelerator, trained, folder))
     result = train(objective, model, train_data, eval_data, cfg, ctx.accelerator, ctx.out_dir, ctx.ckpt_dir,
-                   ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name, on_eval=monitor)
+                   ctx.seed, ctx.gradient_accumulation_steps, desc=cfg.name, on_eval=monitor,
+                   report_to=ctx.report_to, on_save=push_checkpoint if ctx.on_save is not None else None)
     ctx.add_phases(result.seconds)
     n_params = sum(p.numel() for p in model.parameters())
     metrics = dict(result.metrics, **splits.metrics, steps=result.steps, parameters=n_params,
                    train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
+    shown = {f"eval/{name}" for name in objective.headline} | {"steps"}
     with ctx.phase("save"):
         objective.save(ctx.accelerator, model, ctx.out_dir)
         if ctx.is_main:
@@ -155,8 +164,12 @@ def run(cfg: Config, ctx):
                         f"{'scratch' if not cfg.model.init_from else cfg.model.init_from} with the `{cfg.objective}` "
                         f"objective for {result.steps} steps on `{cfg.data.path}` by lmssl.",
                 recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics=metrics,
-                pipeline_tag=objective.pipeline_tag, tags=(cfg.objective, family),
+                pipeline_tag=objective.pipeline_tag, tags=(cfg.objective, family), license_id=ctx.license,
+                datasets=(cfg.data.path,) if is_hub_id(cfg.data.path) else (), base_model=base_model,
+                eval_results=tuple(
+                    eval_result(objective.pipeline_tag or "feature-extraction", *dataset_ref(cfg.data),
+                                key.split("/", 1)[1], metrics[key], dataset_split=cfg.data.eval_split or "held-out")
+                    for key in sorted(shown) if key.startswith("eval/") and key in metrics),
             )
-    shown = {f"eval/{name}" for name in objective.headline} | {"steps"}
     headline = {k: v for k, v in metrics.items() if k in shown or (k.startswith("data/skipped") and v)}
     return StageResult(ctx.out_dir, metrics, headline=headline)

@@ -180,7 +180,7 @@ def _probe_once(cfg: Config, ctx, backbone, processor_stats, splits, run_dir: Pa
         model = _classifier(backbone.cpu(), splits.label_names)
         objective = ImageClassification(size, mean, std, cfg.views)
         result = train(objective, model, splits.train, splits.eval, cfg, accelerator, run_dir, run_dir / "checkpoints",
-                       ctx.seed, ctx.gradient_accumulation_steps, desc=desc)
+                       ctx.seed, ctx.gradient_accumulation_steps, desc=desc, report_to=ctx.report_to)
         ctx.add_phases(result.seconds)
         model = accelerator.unwrap_model(model)
         with ctx.phase("eval"):
@@ -270,8 +270,11 @@ def run(cfg: Config, ctx):
             metrics[f"{row_name}/knn_top1"] = row["knn_top1"]
     table = _table(rows, cfg.mode)
     if ctx.is_main:
-        write_json(ctx.out_dir / "results.json", {"results": rows, "metrics": metrics})
-        (ctx.out_dir / "results.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+        with ctx.phase("save"):
+            write_json(ctx.out_dir / "results.json", {"results": rows, "metrics": metrics})
+            (ctx.out_dir / "results.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+            from lmssl.plots import plot_results, probe_bars
+            plot_results(probe_bars(rows), ctx.out_dir / "results.png", f"{cfg.name}: top-1 on held-out images")
     test_images = rows[0]["test_images"] if rows else 0
     report = (f"## {cfg.name}: {cfg.mode} probe, top-1 on {test_images} held-out images of {cfg.data.path} (x100)\n\n"
               + "\n".join(table) + "\n")
@@ -280,7 +283,7 @@ def run(cfg: Config, ctx):
 
 def _save_probe(ctx, cfg: Config, source: str, row: dict, classifier, processor, splits) -> None:
     """The probe's ViTForImageClassification with its image processor (at the model's own size) and a card."""
-    from lmssl.hub import save_model, write_model_card
+    from lmssl.hub import base_model_of, dataset_ref, eval_result, is_hub_id, save_model, write_model_card
 
     folder = ctx.out_dir / row["backbone"]
     save_model(ctx.accelerator, classifier, folder, processor)
@@ -293,4 +296,12 @@ def _save_probe(ctx, cfg: Config, source: str, row: dict, classifier, processor,
                      f"{head}, {len(splits.label_names)} classes; top-1 {100 * row['top1']:.1f} on "
                      f"{row['test_images']} held-out images."),
             recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics={"top1": row["top1"], "knn_top1": row["knn_top1"]},
-            pipeline_tag="image-classification", tags=("image-classification", cfg.mode))
+            pipeline_tag="image-classification", tags=("image-classification", cfg.mode), license_id=ctx.license,
+            base_model=base_model_of(row["backbone"], ctx.recipe_raw) or base_model_of(str(source), ctx.recipe_raw),
+            datasets=(cfg.data.path,) if is_hub_id(cfg.data.path) else (),
+            eval_results=(
+                eval_result("image-classification", *dataset_ref(cfg.data), "accuracy", row["top1"],
+                            dataset_split=cfg.data.eval_split or "held-out", metric_name=f"{cfg.mode} probe top-1"),
+                eval_result("image-classification", *dataset_ref(cfg.data), "accuracy", row["knn_top1"],
+                            dataset_split=cfg.data.eval_split or "held-out", metric_name="kNN top-1"),
+            ))

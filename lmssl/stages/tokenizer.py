@@ -375,4 +375,16 @@ def run(cfg: Config, ctx):
     metrics = {**{k: v for k, v in card.items() if isinstance(v, (int, float))}, **skipped}
     headline = {k: metrics[k] for k in ("vocab_size", "fertility", "bytes_per_token", "roundtrip_exact") if k in metrics}
     report = format_card(card) + _skipped_line(card["trained_on"].get("skipped", {}), cfg.data.max_chars)
+    if ctx.is_main:
+        from lmssl.hub import is_hub_id, write_model_card
+
+        with ctx.phase("save"):
+            write_model_card(
+                ctx.out_dir, title=f"{cfg.spec} tokenizer ({cfg.name})",
+                summary=(f"A {cfg.spec} tokenizer with {metrics.get('vocab_size', cfg.vocab_size):,} entries, trained by lmssl "
+                         f"on {card['trained_on']['texts']:,} texts ({card['trained_on']['bytes']:,} bytes) of "
+                         f"`{cfg.data.path}` ({card['trained_on']['engine']}). Load it with AutoTokenizer."),
+                recipe_raw=ctx.recipe_raw, stage_name=cfg.name, metrics=headline, tags=("tokenizer", cfg.spec),
+                license_id=ctx.license, datasets=(cfg.data.path,) if is_hub_id(cfg.data.path) else (),
+                extra_sections=("## Report card\n\n" + report.strip(),))
     return StageResult(ctx.out_dir, metrics, headline={**headline, **skipped}, report=report)
