@@ -219,6 +219,7 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
         return metrics
 
     module.train()
+    after_step = getattr(objective, "after_step", None)  # optional: fine-tuning objectives have none
     running, running_n, step_bad = 0.0, 0, False
     last_eval: dict[str, float] = {}
     with _StopFlag() as stop:
@@ -257,6 +258,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
             step += 1
             step_bad = False
             scheduler.step()
+            if after_step is not None:  # momentum teachers and targets follow the online weights
+                after_step(accelerator.unwrap_model(module), step, total_steps)
             lr = scheduler.get_last_lr()[0]
             tracker.step(step, running / max(1, running_n), lr)
             if nonfinite_run >= cfg.max_nonfinite_steps:

@@ -498,8 +498,13 @@ def _variants(tmp_path: Path) -> dict[str, tuple[list[dict], str, type, dict]]:
     return variants
 
 
-STAGE_CONFIGS = ["recipe", "tokenizer", "pretrain", "finetune", "probe", "objective:mlm", "objective:mlm_nsp",
-                 "objective:sop", "objective:causal_lm", "objective:mae", "objective:simclr"]
+def _stage_configs() -> list[str]:
+    from lmssl.objectives import OBJECTIVES
+
+    return ["recipe", "tokenizer", "pretrain", "finetune", "probe", *(f"objective:{n}" for n in OBJECTIVES)]
+
+
+STAGE_CONFIGS = _stage_configs()
 
 
 def test_the_walk_covers_every_stage_kind_and_objective():

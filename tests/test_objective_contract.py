@@ -20,7 +20,7 @@ from lmssl.schema import field_docs, parse_dataclass
 from lmssl.stages.pretrain import Config
 
 REPO = Path(__file__).resolve().parent.parent
-PIPELINES = {"fill-mask", "text-generation", "image-feature-extraction"}
+PIPELINES = {"fill-mask", "text-generation", "image-feature-extraction", "feature-extraction"}
 DERIVED = {"perplexity", "knn_top1"}  # headline metrics evaluation or the kNN monitor add
 
 

@@ -153,3 +153,36 @@ def test_a_streamed_corpus_gives_the_same_rows_as_a_loaded_one(tmp_path):
     streamed, _ = load_splits(DataConfig(path="text", files=files, max_samples=500, eval_fraction=0, streaming=True),
                               0, "stages.x")
     assert len(streamed) == 500 and streamed["text"][:500] == loaded["text"][:500]
+
+
+def test_a_pretrain_stage_continues_from_an_earlier_one_named_by_model_from(tmp_path):
+    """model_from: an earlier pretrain stage's weights (and tokenizer) are the warm start; zero steps of
+    change would leave them equal, so a learning rate near zero shows the start was that stage's end."""
+    import torch
+    import yaml
+    from transformers import AutoModelForMaskedLM
+
+    from lmssl import load_recipe
+
+    data = {"path": "builtin:pydocs", "max_samples": 200}
+    stages = [{"name": "tok", "kind": "tokenizer", "vocab_size": 300, "data": data},
+              {"name": "first", "kind": "pretrain", "tokenizer_from": "tok", "model": {"family": "bert", "size": "tiny"},
+               "data": data, "max_length": 32, "batch_size": 8, "max_steps": 3},
+              {"name": "second", "kind": "pretrain", "model_from": "first", "data": data, "max_length": 32,
+               "batch_size": 8, "max_steps": 1, "learning_rate": 1e-9, "warmup_steps": 0}]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "t", "stages": stages}))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), run_dir=tmp_path / "run")
+    first = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "first").state_dict()
+    second = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "second").state_dict()
+    fresh = AutoModelForMaskedLM.from_config(AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "first").config)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(first[key], second[key], atol=1e-6) and not torch.allclose(first[key], fresh.state_dict()[key])
+    stages[2]["model"] = {"init_from": str(tmp_path)}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "t", "stages": stages}))
+    with pytest.raises(RecipeError, match="give model_from or model.init_from, not both"):
+        load_recipe(tmp_path / "r.yaml")
+    stages[2].pop("model")
+    stages[2]["model_from"] = "tok"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "t", "stages": stages}))
+    with pytest.raises(RecipeError, match="stages.second.model_from"):
+        load_recipe(tmp_path / "r.yaml")

@@ -244,3 +244,23 @@ def normalize(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
 def to_pixels(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     """The evaluation view: uint8 (n, 3, S, S) images as they are, scaled to [0, 1] and normalized."""
     return normalize(images.float() / 255.0, mean, std)
+
+
+def draw_crop_sets(n: int, height: int, width: int, sets, generator: torch.Generator) -> list[dict]:
+    """Multi-crop (Caron et al. 2020, SwAV; DINO): for each (count, ViewOptions) of `sets`, the choices
+    of `count` views of every one of n images of height x width, drawn in order from one generator.
+    Set j's choices are those of draw_views for count * n views, crop-major: row c * n + i is crop c
+    of image i. Crop boxes are in the source image's pixels, whatever size a set is later made at."""
+    return [draw_views(count * n, height, width, options, generator) for count, options in sets]
+
+
+def apply_crop_sets(images: torch.Tensor, drawn: list[dict], sizes, mean=None, std=None) -> list[torch.Tensor]:
+    """uint8 (n, 3, H, W) images and the choices of `draw_crop_sets` -> one float batch per set,
+    (count * n, 3, size, size) at that set's size: views of one resolution come out as one batch, so
+    an encoder runs one forward pass per resolution rather than one per crop."""
+    n = images.shape[0]
+    out = []
+    for views, size in zip(drawn, sizes, strict=True):
+        count = views["flip"].shape[0] // n
+        out.append(apply_views(images.repeat(count, 1, 1, 1), views, size, mean, std))  # (count*n, 3, size, size)
+    return out

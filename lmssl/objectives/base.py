@@ -95,6 +95,11 @@ class Objective(Protocol):
     def features(self, module, batch) -> Optional[torch.Tensor]:
         """(batch, dim) embeddings of a batch's evaluation view, for the kNN monitor; None: not an encoder of images."""
 
+    def after_step(self, module, step: int, total_steps: int) -> None:
+        """Called on every process after each optimizer step (`step` counts from 1), with the unwrapped
+        training module: momentum teachers and target networks follow the online weights here (an EMA
+        whose momentum is a function of the step, so a resumed run repeats it exactly)."""
+
     def save(self, accelerator, model, folder) -> None:
         """Write what the stage hands on: model and preprocessor, loadable with from_pretrained."""
 
@@ -129,6 +134,9 @@ class BaseObjective:
 
     def training_module(self, model) -> torch.nn.Module:
         return model
+
+    def after_step(self, module, step: int, total_steps: int) -> None:
+        """No teacher to update."""
 
     def features(self, module, batch) -> Optional[torch.Tensor]:
         return None

@@ -43,6 +43,10 @@ class Config(TrainingConfig):
     """The self-supervised objective: mlm, mlm_nsp, sop (BERT), causal_lm (gpt2, llama); mae, simclr (vit)."""
     objective_args: dict[str, Any] = field(default_factory=dict)
     """The objective's own options, e.g. {mask_rate: 0.15} for mlm or {mask_ratio: 0.75} for mae."""
+    model_from: Optional[str] = None
+    """Continue from an earlier pretrain stage (SimCSE after MLM, say), a folder or a hub id: its model
+    (and, without tokenizer_from, its tokenizer or image processor); the same as model.init_from, which
+    cannot name a stage."""
     tokenizer_from: Optional[str] = None
     """Text: a tokenizer stage, folder or hub id; None takes the tokenizer of model.init_from."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -61,7 +65,7 @@ class Config(TrainingConfig):
     knn: KnnConfig = field(default_factory=KnnConfig)
     """Images: the kNN monitor (top-1 of held-out images by their nearest training images' labels)."""
 
-    REFERENCES = {"tokenizer_from": ("tokenizer",)}
+    REFERENCES = {"tokenizer_from": ("tokenizer",), "model_from": ("pretrain",)}
 
     def check(self, recipe, earlier, where: str) -> None:
         from lmssl.objectives import OBJECTIVES
@@ -77,10 +81,13 @@ class Config(TrainingConfig):
             if head in written and (not tail or (isinstance(written[head], dict) and tail in written[head])):
                 raise RecipeError(f"{where}.{key}: the {self.objective} objective ({objective.modality}) does not use "
                                   "this field; drop it")
-        check_model(self.model, f"{where}.model")
-        objective.check(options, self, where)
+        if self.model_from is not None and self.model.init_from is not None:
+            raise RecipeError(f"{where}.model_from: give model_from or model.init_from, not both")
+        checked = self.model if self.model_from is None else dataclasses.replace(self.model, init_from=self.model_from)
+        check_model(checked, f"{where}.model")
+        objective.check(options, self if checked is self.model else dataclasses.replace(self, model=checked), where)
         if objective.modality == "text":
-            check_positions(self.model, self.max_length, f"{where}.model")
+            check_positions(checked, self.max_length, f"{where}.model")
         self.knn.check(f"{where}.knn")
         self.data.check(f"{where}.data")
 
@@ -122,7 +129,7 @@ def _knn_monitor(cfg: Config, ctx, objective, model, splits, where: str):
 
 
 def run(cfg: Config, ctx):
-    from lmssl.hub import dataset_ref, eval_result, is_hub_id, write_model_card
+    from lmssl.hub import base_model_of, dataset_ref, eval_result, is_hub_id, write_model_card
     from lmssl.objectives import OBJECTIVES
     from lmssl.stages.base import StageResult
     from lmssl.training import train
@@ -133,6 +140,10 @@ def run(cfg: Config, ctx):
     base_model = cfg.model.init_from if is_hub_id(cfg.model.init_from) else None
     if base_model:  # a hub checkpoint (at model.revision): fetched into the HF cache, then read as a folder
         local = ctx.resolve(cfg.model.init_from, cfg.model.revision)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(local)))
+    if cfg.model_from is not None:  # an earlier stage's folder (or a folder / hub id): a warm start
+        base_model = base_model_of(cfg.model_from, ctx.recipe_raw)
+        local = ctx.resolve(cfg.model_from)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(local)))
     with ctx.phase("prepare"):
         with ctx.main_process_first():
