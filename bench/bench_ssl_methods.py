@@ -39,14 +39,16 @@ def main() -> None:
     rows = json.loads((run / "probe" / "results.json").read_text())["results"]
     print(f"\n{platform.machine()} CPU, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
           f"total {time.time() - started:.0f} s (stages skipped as up to date count 0)\n")
-    print("| method | linear probe top-1 | kNN top-1 | pretraining wall time |")
-    print("|---|---|---|---|")
+    print("| method | linear probe top-1 | kNN top-1 | pretraining wall time | embedding_std (1 healthy, 0 collapsed) |")
+    print("|---|---|---|---|---|")
     for row in rows:
         name = row["backbone"]
         stage = run / name / "stage.json"
-        seconds = json.loads(stage.read_text())["seconds"] if stage.exists() and name != "scratch" else None
-        spent = f"{seconds:.0f} s" if seconds is not None else "-"
-        print(f"| {name} | {100 * row['top1']:.1f} | {100 * row['knn_top1']:.1f} | {spent} |")
+        record = json.loads(stage.read_text()) if stage.exists() and name != "scratch" else {}
+        spent = f"{record['seconds']:.0f} s" if record else "-"
+        spread = record.get("metrics", {}).get("eval/embedding_std")
+        print(f"| {name} | {100 * row['top1']:.1f} | {100 * row['knn_top1']:.1f} | {spent} | "
+              f"{f'{spread:.2f}' if spread is not None else '-'} |")
 
 
 if __name__ == "__main__":
