@@ -64,7 +64,8 @@ def _same_weights(a, b) -> None:
 
 
 def test_a_recipe_shares_its_tokenizer_pretrained_and_finetuned_models(hub, tmp_path, capfd):
-    """One run (tokenizer, pretraining with checkpoint branches, fine-tuning), four sets of checks."""
+    """One run (tokenizer, pretraining with checkpoint branches, fine-tuning), four sets of checks; then a
+second recipe reads the pushed model back by hub id and revision."""
     recipe = _recipe(tmp_path, hub.user)
     assert main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
     shared_run = tmp_path / "run", "".join(capfd.readouterr())
@@ -72,6 +73,7 @@ def test_a_recipe_shares_its_tokenizer_pretrained_and_finetuned_models(hub, tmp_
     check_one_loadable_branch_per_saved_step(hub, shared_run)
     check_cards_validate_and_carry_the_results(hub, shared_run)
     check_the_token_is_nowhere(hub, shared_run)
+    check_hub_inputs_with_revisions(hub, tmp_path)
 
 
 def check_models_load_back_identical(hub, shared_run):
@@ -285,3 +287,34 @@ def test_checkpoint_pushes_run_in_the_background_and_finish_waits_for_them(tmp_p
     release.set()
     assert pusher.finish() == [] and uploaded == ["step-10", "step-20"] and pusher.pushed == uploaded
     assert not (tmp_path / "snap").exists()
+
+
+def check_hub_inputs_with_revisions(hub, tmp_path):
+    """The pushed model with its checkpoint branches, used by hub id: model.init_from with model.revision
+    for more pretraining, and model_from 'repo@branch' for fine-tuning."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForMaskedLM
+
+    stages = [
+        {"name": "more", "kind": "pretrain", "model": {"family": "bert", "init_from": f"{hub.user}/pre",
+                                                       "revision": "step-4"},
+         "data": DATA, "max_length": 32, "batch_size": 8, "max_steps": 2, "learning_rate": 1e-9, "warmup_steps": 0},
+        {"name": "ft", "kind": "finetune", "model_from": f"{hub.user}/pre@step-8", "epochs": 1, "batch_size": 16,
+         "tasks": [{"name": "strings", "data": {"path": "csv", "files": _csv(tmp_path / "task.csv")}}]},
+    ]
+    recipe = tmp_path / "second.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "second", "stages": stages}))
+    assert main(["run", str(recipe), "--run-dir", str(tmp_path / "second")]) == 0
+    from huggingface_hub import HfApi
+
+    heads = {b.name: b.target_commit for b in HfApi().list_repo_refs(f"{hub.user}/pre").branches}
+    fetched = {path for method, path in hub.requests if "/resolve/" in path}   # snapshots resolve to commits
+    for branch in ("step-4", "step-8"):
+        assert any(f"/resolve/{heads[branch]}/" in p for p in fetched), (branch, fetched)
+    step4 = AutoModelForMaskedLM.from_pretrained(f"{hub.user}/pre", revision="step-4").state_dict()
+    more = AutoModelForMaskedLM.from_pretrained(tmp_path / "second" / "more").state_dict()
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(step4[key], more[key], atol=1e-6)          # the warm start was that branch
+    card = ModelCard.load(tmp_path / "second" / "more" / "README.md")
+    assert card.data.base_model == f"{hub.user}/pre"
+    assert ModelCard.load(tmp_path / "second" / "ft" / "strings" / "README.md").data.base_model == f"{hub.user}/pre"
