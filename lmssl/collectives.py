@@ -1,5 +1,6 @@
 """Collectives that carry gradients, for losses that compare examples across processes (contrastive
-negatives). The one module besides Accelerate's own that talks to torch.distributed.
+negatives). With objectives/dino.py (whose center is an all_reduce'd batch mean) the only code besides
+Accelerate's own that talks to torch.distributed.
 
 accelerate's `gather` (like torch's all_gather) returns tensors without a gradient path to the
 other processes: a contrastive loss built on it would miss every gradient that flows through the
