@@ -7,18 +7,13 @@ test_ssl_methods_cifar.py.)"""
 from __future__ import annotations
 
 import math
-import random
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_resume import _cmd, _env
 from test_vision_resume import RECIPE as RESUME_RECIPE
-from test_vision_resume import _newest, _weights
+from test_vision_resume import assert_same_weights, killed_then_resumed_weights, reference_weights
 
 from lmssl.data.views import ViewOptions, apply_crop_sets, draw_crop_sets, draw_views, normalize
 from lmssl.models import ModelConfig
@@ -235,31 +230,7 @@ RESUME_ARGS = ("{prototypes: 128, head_hidden: 32, bottleneck: 16, local_crops: 
 def test_sigkill_during_dino_then_resume_gives_identical_teacher_head_and_center(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RESUME_RECIPE.replace("OBJECTIVE", "dino").replace("ARGS", RESUME_ARGS))
-    reference = subprocess.run(_cmd(recipe, tmp_path / "reference"), capture_output=True, text=True, env=_env(),
-                               cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = _weights(tmp_path / "reference")
+    expected = reference_weights(recipe, tmp_path)
     assert set(expected) == {"backbone", "dino_head.safetensors"}
     assert expected["dino_head.safetensors"]["center"].abs().sum() > 0
-
-    run_dir, kills = tmp_path / "run", 0
-    for target in sorted(random.Random("dino").sample(range(6, 40), 2)):
-        proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=_env(), cwd=tmp_path)
-        deadline = time.time() + 240
-        while proc.poll() is None and _newest(run_dir) < target and time.time() < deadline:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills == 2, "the run finished before it could be killed"
-    final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert "resuming from step-" in final.stdout + final.stderr
-    got = _weights(run_dir)
-    assert got.keys() == expected.keys()
-    for group in expected:
-        assert got[group].keys() == expected[group].keys()
-        for name in expected[group]:
-            assert torch.equal(got[group][name], expected[group][name]), f"{group}:{name} differs after kill/resume"
+    assert_same_weights(killed_then_resumed_weights(recipe, tmp_path, "dino"), expected)

@@ -6,12 +6,9 @@ BYOL run on real CIFAR-10 against random initialization is in test_ssl_methods_c
 from __future__ import annotations
 
 import math
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -212,39 +209,18 @@ def test_simsiam_has_no_target_and_saves_heads_a_warm_start_continues(tmp_path):
 
 def test_sigkill_during_byol_pretraining_then_resume_gives_identical_weights_target_included(tmp_path):
     from safetensors.torch import load_file
-    from test_resume import _cmd, _env
-    from test_vision_resume import RECIPE, _newest, _weights
+    from test_vision_resume import RECIPE, assert_same_weights, killed_then_resumed_weights, reference_weights
 
     recipe = tmp_path / "recipe.yaml"
     args = "{projection_hidden: 64, predictor_hidden: 64, projection_dim: 32, base_momentum: 0.9, views: {blur: 0.5}}"
     recipe.write_text(RECIPE.replace("OBJECTIVE", "byol").replace("ARGS", args).replace("max_steps: 48", "max_steps: 24"))
-    reference = subprocess.run(_cmd(recipe, tmp_path / "reference"), capture_output=True, text=True, env=_env(),
-                               cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = _weights(tmp_path / "reference")
+    expected = reference_weights(recipe, tmp_path)
     heads = load_file(tmp_path / "reference" / "pre" / "pretraining" / "heads.safetensors")
     assert any(k.startswith("target.backbone.") for k in heads) and any(k.startswith("predictor.") for k in heads)
     assert not torch.equal(heads["target.backbone.embeddings.cls_token"],          # the target moved, and lags
                            expected["backbone"]["embeddings.cls_token"])
 
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), cwd=tmp_path)
-    deadline, target = time.time() + 240, random.Random("byol").choice(range(6, 18))
-    while proc.poll() is None and _newest(run_dir) < target and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert "resuming from step-" in final.stdout + final.stderr
-    got = _weights(run_dir)
-    assert got.keys() == expected.keys()
-    for group in expected:
-        assert got[group].keys() == expected[group].keys()
-        for name in expected[group]:
-            assert torch.equal(got[group][name], expected[group][name]), f"{group}:{name} differs after kill/resume"
+    assert_same_weights(killed_then_resumed_weights(recipe, tmp_path, "byol", kills=1, steps=range(6, 18)), expected)
 
 
 # --------------------------------------------------------------------------- two processes

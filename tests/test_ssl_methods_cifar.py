@@ -61,7 +61,7 @@ def methods(tmp_path_factory):
 
 
 def test_a_short_byol_run_beats_random_init_in_the_linear_probe_without_collapsing(methods):
-    """400 steps of 64 images, a fast target (base momentum 0.9). Measured here: see the closing assert."""
+    """400 steps of 64 images, a fast target (base momentum 0.9)."""
     run_dir, outputs = methods
     probe, byol = outputs["probe"].metrics, outputs["byol"].metrics
     assert probe["byol/top1"] > probe["scratch/top1"] + 0.015, probe

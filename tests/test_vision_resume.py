@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_resume import _cmd, _env
 
@@ -45,21 +46,21 @@ def _weights(run_dir: Path) -> dict:
     return found
 
 
-@pytest.mark.parametrize("objective", ["mae", "simclr"])
-def test_sigkill_during_vision_pretraining_then_resume_gives_identical_weights(objective, tmp_path):
-    import time
-
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.replace("OBJECTIVE", objective).replace("ARGS", ARGS[objective]))
+def reference_weights(recipe: Path, tmp_path: Path) -> dict:
+    """The weights an uninterrupted run of `recipe` saves (backbone and pretraining extras)."""
     reference = subprocess.run(_cmd(recipe, tmp_path / "reference"), capture_output=True, text=True, env=_env(),
                                cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = _weights(tmp_path / "reference")
-    assert len(expected) == 2, "the backbone and the continued-pretraining weights are both saved"
+    return _weights(tmp_path / "reference")
 
-    run_dir = tmp_path / "run"
-    kills = 0
-    for target in sorted(random.Random(objective).sample(range(6, 40), 2)):
+
+def killed_then_resumed_weights(recipe: Path, tmp_path: Path, seed: str, kills: int = 2, steps=range(6, 40)) -> dict:
+    """Run `recipe`, SIGKILL it once its newest checkpoint reaches each of `kills` seeded steps, then run it
+    to the end: the weights it saves (after checking that every kill and the resume happened)."""
+    import time
+
+    run_dir, done = tmp_path / "run", 0
+    for target in sorted(random.Random(seed).sample(steps, kills)):
         proc = subprocess.Popen(_cmd(recipe, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=_env(), cwd=tmp_path)
         deadline = time.time() + 240
@@ -67,15 +68,27 @@ def test_sigkill_during_vision_pretraining_then_resume_gives_identical_weights(o
             time.sleep(0.02)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            kills += 1
+            done += 1
         proc.wait()
-    assert kills == 2, "the run finished before it could be killed"
+    assert done == kills, "the run finished before it could be killed"
     final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resuming from step-" in final.stdout + final.stderr
-    got = _weights(run_dir)
+    return _weights(run_dir)
+
+
+def assert_same_weights(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     for group in expected:
         assert got[group].keys() == expected[group].keys()
         for name in expected[group]:
-            assert (got[group][name] == expected[group][name]).all(), f"{group}:{name} differs after kill/resume"
+            assert torch.equal(got[group][name], expected[group][name]), f"{group}:{name} differs after kill/resume"
+
+
+@pytest.mark.parametrize("objective", ["mae", "simclr"])
+def test_sigkill_during_vision_pretraining_then_resume_gives_identical_weights(objective, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("OBJECTIVE", objective).replace("ARGS", ARGS[objective]))
+    expected = reference_weights(recipe, tmp_path)
+    assert len(expected) == 2, "the backbone and the continued-pretraining weights are both saved"
+    assert_same_weights(killed_then_resumed_weights(recipe, tmp_path, objective), expected)

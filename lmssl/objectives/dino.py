@@ -240,17 +240,6 @@ class DINO(ImageObjective):
     headline = ("loss", "embedding_std", "knn_top1")
     Options = Options
 
-    def build_model(self, model_cfg):
-        from transformers import ViTConfig, ViTModel
-
-        from lmssl.models import build_vit_config, warm_start_overrides
-
-        self.init_from = model_cfg.init_from
-        if model_cfg.init_from:
-            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False,
-                                            **warm_start_overrides(model_cfg))
-        return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
-
     def check_model(self, model, where: str) -> None:
         super().check_model(model, where)
         local, patch = self.local_side(model), patch_of(model)

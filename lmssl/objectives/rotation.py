@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lmssl.data.views import ViewOptions, apply_views
 from lmssl.schema import Range, check_ranges
-from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views,
+from lmssl.objectives.vision import (ImageObjective, batch_generator, flatten_views,
                                     stack_images, views_of)
 
 HEAD_FILE = "rotation_head.safetensors"
@@ -91,36 +91,12 @@ class Rotation(ImageObjective):
     headline = ("loss", "rotation_accuracy", "knn_top1")
     Options = Options
 
-    def build_model(self, model_cfg):
-        from transformers import ViTConfig, ViTModel
-
-        from lmssl.models import build_vit_config, warm_start_overrides
-
-        self.init_from = model_cfg.init_from
-        if model_cfg.init_from:
-            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False,
-                                            **warm_start_overrides(model_cfg))
-        return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
-
     def training_module(self, model):
         """The backbone with its rotation head (continued from an lmssl rotation folder's head when
         build_model warm-started from one). Kept, so `save` writes the head beside the backbone."""
-        import warnings
-
         module = RotationClassifier(model, self.options.head_hidden).to(model.device)
         self.trained = module
-        init_from = getattr(self, "init_from", None)                     # set by build_model
-        saved = Path(init_from) / PRETRAINING_FOLDER / HEAD_FILE if init_from else None
-        if saved is not None and saved.is_file():
-            from safetensors.torch import load_file
-
-            heads = load_file(str(saved))
-            own = module.head.state_dict()
-            if heads.keys() == own.keys() and all(own[k].shape == v.shape for k, v in heads.items()):
-                module.head.load_state_dict(heads)
-            else:
-                warnings.warn(f"{saved}: the rotation head there has another shape than head_hidden asks "
-                              "for; training a fresh head", stacklevel=2)
+        self.continue_head(module.head, HEAD_FILE, "rotation head")
         return module
 
     def collate(self, examples):

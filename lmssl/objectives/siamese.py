@@ -77,17 +77,6 @@ class SiameseObjective(ImageObjective):
         """The loss of one batch's rows [view 1 of images 0..n-1; view 2 of the same]."""
         raise NotImplementedError
 
-    def build_model(self, model_cfg):
-        from transformers import ViTConfig, ViTModel
-
-        from lmssl.models import build_vit_config, warm_start_overrides
-
-        self.init_from = model_cfg.init_from
-        if model_cfg.init_from:
-            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False,
-                                            **warm_start_overrides(model_cfg))
-        return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
-
     def training_module(self, model):
         """The backbone with its heads and target; the heads continue from a warm start's
         pretraining/heads.safetensors where their shapes match. Kept, so `save` writes them."""

@@ -94,8 +94,9 @@ def batch_generator() -> torch.Generator:
 
 
 class ImageObjective(BaseObjective):
-    """Image methods on the vit family. Subclasses define build_model, training_module, collate, loss,
-    `encode(module, pixel_values) -> (batch, dim)` and `backbone(model) -> ViTModel`."""
+    """Image methods on the vit family. Subclasses define training_module, collate, loss,
+    `encode(module, pixel_values) -> (batch, dim)` and `backbone(model) -> ViTModel`; build_model is a
+    ViTModel backbone (from config, or the warm start's) unless they need another model (MAE)."""
 
     modality: ClassVar[str] = "image"
     families: ClassVar[tuple[str, ...]] = IMAGE_FAMILIES
@@ -108,6 +109,38 @@ class ImageObjective(BaseObjective):
         self.processor = preprocessor
         self.size = int(preprocessor.size["height"])
         self.mean, self.std = list(preprocessor.image_mean), list(preprocessor.image_std)
+
+    def build_model(self, model_cfg):
+        """A ViTModel without pooler (the CLS token is the feature), built from the config or loaded
+        from model.init_from; remembers init_from, where training_module finds saved heads."""
+        from transformers import ViTConfig, ViTModel
+
+        from lmssl.models import build_vit_config, warm_start_overrides
+
+        self.init_from = model_cfg.init_from
+        if model_cfg.init_from:
+            return ViTModel.from_pretrained(model_cfg.init_from, add_pooling_layer=False,
+                                            **warm_start_overrides(model_cfg))
+        return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
+
+    def continue_head(self, head: torch.nn.Module, filename: str, what: str) -> None:
+        """Load `head` from the warm start's PRETRAINING_FOLDER/filename when build_model warm-started from
+        an lmssl folder holding one of the same shapes; warn and keep the fresh head when the shapes differ."""
+        init_from = getattr(self, "init_from", None)
+        saved = Path(init_from) / PRETRAINING_FOLDER / filename if init_from else None
+        if saved is None or not saved.is_file():
+            return
+        import warnings
+
+        from safetensors.torch import load_file
+
+        heads = load_file(str(saved))
+        own = head.state_dict()
+        if heads.keys() == own.keys() and all(own[k].shape == v.shape for k, v in heads.items()):
+            head.load_state_dict(heads)
+        else:
+            warnings.warn(f"{saved}: the {what} there has other shapes than the options ask for; training a "
+                          "fresh head", stacklevel=3)
 
     @classmethod
     def check(cls, options, stage, where: str) -> None:
