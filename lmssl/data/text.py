@@ -3,6 +3,7 @@ lines between blank lines) and sentences split by punctuation rules, without dow
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional
 
@@ -34,6 +35,10 @@ def _load(cfg: DataConfig, split: str):
     files = cfg.files
     if isinstance(files, str) or isinstance(files, list):
         files = {"train": files}
+    if cfg.path == "text" and not cfg.streaming and files and split in files and not cfg.options:
+        local = _local_files(files[split])
+        if local is not None:
+            return _read_text_files(local, cfg.encoding or "utf-8")
     if cfg.encoding:
         kwargs["encoding"] = cfg.encoding
     if cfg.path in ("text", "json", "csv"):  # invalid bytes become U+FFFD; those rows are then skipped and counted
@@ -45,6 +50,45 @@ def _load(cfg: DataConfig, split: str):
         cause = err.__cause__ or err  # generation errors wrap the parser's own error
         raise LmsslError(f"could not load {cfg.path!r} split {split!r} from {cfg.files or cfg.data_dir or cfg.path}: "
                          f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}") from None
+
+
+def _local_files(patterns) -> Optional[list[str]]:
+    """The files a split's local patterns name, in the order given (each glob sorted); None when one is remote."""
+    import glob
+    import os
+
+    names = []
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        if "://" in pattern:
+            return None
+        names += sorted(glob.glob(os.path.expanduser(pattern)))
+    return names or None
+
+
+def _text_lines(names: list[str], encoding: str, stamps: list[str]):
+    """Lines of local text files (.xz/.gz/.bz2 decompressed here), undecodable bytes as U+FFFD. `stamps`
+    (name, size, mtime) only keys the datasets cache, so an edited file is read again."""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+    for name in names:
+        opener = openers.get(os.path.splitext(name)[1], open)
+        with opener(name, "rt", encoding=encoding, errors="replace") as handle:
+            for line in handle:
+                yield {"text": line.rstrip("\r\n")}
+
+
+def _read_text_files(names: list[str], encoding: str):
+    """Local text files as a Dataset of lines, like load_dataset("text"), but with encoding errors replaced in
+    compressed files too (datasets 5 drops `encoding_errors` for them and raises UnicodeDecodeError)."""
+    import datasets
+
+    stamps = [f"{n}:{os.stat(n).st_size}:{os.stat(n).st_mtime_ns}" for n in names]
+    features = datasets.Features({"text": datasets.Value("string")})
+    return datasets.Dataset.from_generator(_text_lines, features=features, writer_batch_size=STREAM_CHUNK,
+                                           gen_kwargs={"names": names, "encoding": encoding, "stamps": stamps})
 
 
 def _materialize(stream, column: str, limit: Optional[int], where: str):
