@@ -1,4 +1,4 @@
-"""The command line: `lmssl run | validate | push | report | fields`, also as `python -m lmssl` and under
+"""The command line: `lmssl run | validate | results | push | report | fields`, also as `python -m lmssl` and under
 `accelerate launch -m lmssl run ...`. User mistakes print one paragraph and exit with code 2."""
 
 from __future__ import annotations
@@ -40,8 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to push to (made from main when missing)")
     push.add_argument("--private", action="store_true", help="create the repository private")
 
+    results = sub.add_parser("results", help="run the results suite (recipes/results/) and write RESULTS.md")
+    results.add_argument("--recipes", default="recipes/results", help="the suite's folder (holds suite.yaml)")
+    results.add_argument("--run-dir", default="runs/results", help="where each recipe's stage folders go")
+    results.add_argument("--out", default="RESULTS.md", help="the Markdown file to write (plots beside it)")
+    results.add_argument("--smoke", action="store_true", help="tiny models and a few steps: the pipeline in minutes")
+    results.add_argument("--data-dir", help="the shared data folder, when it is not ../shared/data")
+
     fields = sub.add_parser("fields", help="list the fields of a stage kind (or the recipe) with their docs")
-    fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune, probe; omit for the recipe's top level")
+    fields.add_argument("kind", nargs="?", help="tokenizer, pretrain, finetune, probe, perplexity; omit for the recipe's top level")
     return parser
 
 
@@ -77,6 +84,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             from lmssl.sharing import push_command
 
             print(push_command(args.folder, args.repo_id, args.revision, args.private))
+            return 0
+        if args.command == "results":
+            from lmssl.results import results_command
+
+            print(results_command(args.recipes, args.run_dir, args.out, args.smoke, args.data_dir,
+                                  sys.argv[1:] if argv is None else list(argv)))
             return 0
         if args.command == "report":
             if args.max_bytes < 1:

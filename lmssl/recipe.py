@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -155,7 +155,7 @@ class StageConfig:
     name: str = ""
     """The stage's name: its output folder under the run directory and how later stages refer to it."""
     kind: str = ""
-    """The stage kind: tokenizer, pretrain, finetune, probe."""
+    """The stage kind: tokenizer, pretrain, finetune, probe, perplexity."""
     push_to_hub: Optional[PushConfig] = None
     """Push what the stage made to the Hub: {repo_id, private, revision, strategy}; None keeps it local."""
 
@@ -343,9 +343,10 @@ def _line_of(text: str, where: str) -> Optional[int]:
 
 
 def load_recipe(path: Union[str, Path], kinds: dict[str, type], overrides: Optional[list[str]] = None,
-                check: bool = True) -> Recipe:
+                check: bool = True, rewrite: Optional[Callable[[dict], dict]] = None) -> Recipe:
     """Read, override, parse and (by default) check a recipe; every mistake is a RecipeError.
-    `kinds` maps each stage kind to its Config class (the stage registry, passed down from above)."""
+    `kinds` maps each stage kind to its Config class (the stage registry, passed down from above);
+    `rewrite` maps the mapping after the overrides (`lmssl results --data-dir` moves data paths)."""
     path = Path(path)
     if not path.is_file():
         what = "is not a file (a folder or a device)" if path.exists() else "does not exist"
@@ -368,6 +369,8 @@ def load_recipe(path: Union[str, Path], kinds: dict[str, type], overrides: Optio
         raise RecipeError(f"{path}: a recipe is a mapping with at least `stages:`, got {type(raw).__name__}")
     for assignment in overrides or []:
         apply_override(raw, assignment)
+    if rewrite is not None:
+        raw = rewrite(raw)
     try:
         recipe = parse_raw(raw, kinds)
         recipe.source = str(path)
