@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 from lmssl.errors import LmsslError, RecipeError  # noqa: E402
 
 
-def load_recipe(path, overrides=None, check: bool = True):
+def load_recipe(path, overrides=None, check: bool = True, rewrite=None):
     """Read a recipe file with `--set`-style overrides and check it (lmssl.recipe.load_recipe with
     every stage kind this package has)."""
     from lmssl.recipe import load_recipe as load
     from lmssl.stages import CONFIGS
 
-    return load(path, CONFIGS, overrides, check)
+    return load(path, CONFIGS, overrides, check, rewrite)
 
 
 def run_recipe(recipe, run_dir=None, force=(), accelerator=None):
