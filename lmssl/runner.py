@@ -220,6 +220,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, force: tuple[str, ...], accelerat
             failures += [f"stages.{stage.name}: checkpoint {line}" for line in pusher.finish()]
         result.fingerprint = fp
         seconds = time.time() - started
+        seconds = max(seconds, sum(ctx.phases.values()))  # a resumed stage: its training before the interruption too
         phases = {**ctx.phases, "other": max(0.0, seconds - sum(ctx.phases.values()))}
         result.metrics.update({f"time/{name}_s": value for name, value in phases.items()})
         accelerator.wait_for_everyone()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
@@ -117,6 +117,8 @@ class Tracker:
         self.window_start = time.perf_counter()
         self.window_units = 0
         self.rate = 0.0
+        self.flops_per_unit: Optional[float] = None   # training FLOPs of one token or image (lmssl/flops.py)
+        self.peak: Optional[float] = None             # peak FLOP/s of all processes' devices; None on CPU
         self.trackers: list = []
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not enabled,
                         dynamic_ncols=True, mininterval=1.0)
@@ -130,6 +132,16 @@ class Tracker:
         self.window_units += n
         self.unit_name = unit
 
+    def set_flops(self, per_unit: Optional[float], peak: Optional[float]) -> None:
+        self.flops_per_unit, self.peak = per_unit, peak
+
+    def flops_metrics(self, units_per_s: float) -> dict[str, float]:
+        """FLOP/s at a throughput, and MFU where the device's peak is known."""
+        if self.flops_per_unit is None:
+            return {}
+        flops = units_per_s * self.flops_per_unit
+        return {"train/flops_per_s": flops, **({"train/mfu": flops / self.peak} if self.peak else {})}
+
     def step(self, step: int, loss: float, lr: float) -> None:
         """Advance the bar by one optimizer step; refresh throughput every couple of seconds."""
         now = time.perf_counter()
@@ -140,8 +152,13 @@ class Tracker:
             self.rate = self.window_units / (now - self.window_start)
         self.bar.update(1)
         if self.enabled:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",  # the last seconds' rate, not the average
-                                 **{f"{self.unit_name}/s now": f"{self.rate:,.0f}"}, refresh=False)
+            shown = {f"{self.unit_name}/s now": f"{self.rate:,.0f}"}  # the last seconds' rate, not the average
+            flops = self.flops_metrics(self.rate)
+            if flops:
+                shown["TFLOP/s"] = f"{flops['train/flops_per_s'] / 1e12:.3g}"
+                if "train/mfu" in flops:
+                    shown["MFU"] = f"{100 * flops['train/mfu']:.1f}%"
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **shown, refresh=False)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lmssl import checkpoint
 from lmssl.errors import LmsslError
 from lmssl.evaluation import evaluate_objective
+from lmssl.flops import device_peak, flops_per_unit
 from lmssl.rng import batch_key, seed_all
 from lmssl.tracking import Tracker, count_units
 
@@ -113,7 +114,8 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]]
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of this call split into train, eval and save (checkpoints)."""
+    """Wall time split into train, eval and save (checkpoints): this call's, plus after a resume the earlier
+    calls' up to the checkpoint it resumed from (work after that checkpoint was lost and is not counted)."""
 
 
 class _StopFlag:
@@ -175,12 +177,14 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     module, optimizer = accelerator.prepare(module, optimizer)
 
     step, micro, nonfinite_run, nonfinite_total, history = 0, 0, 0, 0, []
+    prior = {"train": 0.0, "eval": 0.0, "save": 0.0}
     latest = checkpoint.latest_valid(ckpt_dir, log=accelerator.print) if ckpt_dir else None
     if latest is not None:
         state = checkpoint.load(accelerator, latest, module, optimizer, scheduler)
         step, micro = state["step"], state["micro"]
         nonfinite_run, nonfinite_total = state["nonfinite_run"], state["nonfinite_total"]
         history = state.get("history", [])
+        prior = state.get("seconds", prior)     # time spent before the interruption, up to that checkpoint
         accelerator.print(f"{desc}: resuming from {latest.name} (step {step}/{total_steps}, "
                           f"micro-batch {micro}, epoch {micro // per_epoch})")
     accelerator.step = micro % accumulation
@@ -195,7 +199,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
 
     def loop_state() -> dict[str, Any]:
         return {"micro": micro, "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
-                "history": history}
+                "history": history, "seconds": {"train": prior["train"] + train_seconds(),
+                                                "eval": prior["eval"] + clock["eval"], "save": prior["save"] + clock["save"]}}
 
     def train_seconds() -> float:
         return time.perf_counter() - started - clock["eval"] - clock["save"]
@@ -220,7 +225,7 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
 
     module.train()
     after_step = getattr(objective, "after_step", None)  # optional: fine-tuning objectives have none
-    running, running_n, step_bad = 0.0, 0, False
+    running, running_n, step_bad, flops_known = 0.0, 0, False, False
     last_eval: dict[str, float] = {}
     with _StopFlag() as stop:
         for batch in loader:
@@ -228,6 +233,11 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
             batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
             n_units, unit = count_units(batch)
+            if tracker.flops_per_unit is None and not flops_known:
+                flops_known = True                # once: the unit is known from the first batch
+                peak = device_peak(accelerator.device, accelerator.mixed_precision)
+                tracker.set_flops(flops_per_unit(model, unit, getattr(cfg, "max_length", None)),
+                                  peak * world if peak else None)
             tracker.add_units(n_units * world, unit)
             seed_all(key + 1)  # dropout and any in-model sampling
             with accelerator.accumulate(module):
@@ -268,8 +278,9 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                     "lower the learning rate or use bf16 instead of fp16. The last good checkpoint is kept."
                 )
             if step % cfg.log_every == 0 or step == total_steps:
-                record = {"train/loss": running / max(1, running_n), "train/lr": lr,  # throughput: the average so far
-                          f"train/{tracker.unit_name}_per_s": tracker.units / max(train_seconds(), 1e-9),
+                rate = tracker.units / max(train_seconds(), 1e-9)                 # throughput: the average so far
+                record = {"train/loss": running / max(1, running_n), "train/lr": lr,
+                          f"train/{tracker.unit_name}_per_s": rate, **tracker.flops_metrics(rate),
                           "train/nonfinite_steps": nonfinite_total}
                 tracker.log(step, record)
                 history.append({"step": step, **record})
@@ -307,7 +318,9 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     if train_losses:
         metrics["train/loss"] = train_losses[-1]
     metrics["train/nonfinite_steps"] = float(nonfinite_total)
-    seconds = {"train": trained, **clock}
     metrics[f"train/{tracker.unit_name}"] = float(tracker.units)
-    metrics[f"train/{tracker.unit_name}_per_s"] = tracker.units / max(seconds["train"], 1e-9)  # over training only
+    metrics[f"train/{tracker.unit_name}_per_s"] = tracker.units / max(trained, 1e-9)  # this call's training only
+    metrics.update(tracker.flops_metrics(metrics[f"train/{tracker.unit_name}_per_s"]))
+    # the stage's time: this call's and, after a resume, the earlier calls' up to their last checkpoint
+    seconds = {"train": prior["train"] + trained, **{k: prior[k] + v for k, v in clock.items()}}
     return TrainResult(steps=step, metrics=metrics, history=history, seconds=seconds)

@@ -88,6 +88,16 @@ def test_phase_timings_add_up_to_each_stage_wall_time_and_throughput_is_tokens_o
     assert last["train/tokens_per_s"] == pytest.approx(metrics["train/tokens_per_s"], rel=0.05)  # the average
     summary = (run_dir / "summary.md").read_text()
     assert "prepare" in summary and "train" in summary and "eval" in summary
+    # FLOP/s: the throughput times the saved model's training FLOPs per token; no MFU on a CPU (no known peak)
+    from transformers import AutoModelForMaskedLM
+
+    from lmssl.flops import flops_per_token
+
+    model = AutoModelForMaskedLM.from_pretrained(run_dir / "pre")
+    per_token = flops_per_token(model, pre["config"]["max_length"])
+    assert metrics["train/flops_per_s"] == pytest.approx(metrics["train/tokens_per_s"] * per_token, rel=1e-6)
+    assert "train/mfu" not in metrics and "train/flops_per_s" in pre["headline"]
+    assert last["train/flops_per_s"] == pytest.approx(last["train/tokens_per_s"] * per_token, rel=1e-6)
 
 
 def test_held_out_and_training_documents_never_mix_lines_of_two_sources(tmp_path):

@@ -3,6 +3,7 @@ with weights bit-identical to an uninterrupted run; SIGTERM writes a checkpoint 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -115,6 +116,15 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     step = int(re.search(r"interrupted at step (\d+)", err).group(1))
     assert step >= 7
     assert list(run_dir.glob(f".partial/pre-*/checkpoints/step-{step:08d}/manifest.json"))
+    # the resumed stage's time counts the training done before the interruption (up to that checkpoint)
+    before = json.loads(next(run_dir.glob(f".partial/pre-*/checkpoints/step-{step:08d}/loop.json")).read_text())
+    assert before["seconds"]["train"] > 0
+    final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert final.returncode == 0 and "resuming from step-" in final.stdout + final.stderr, final.stderr[-2000:]
+    record = json.loads((run_dir / "pre" / "stage.json").read_text())
+    resumed_only = record["metrics"]["train/tokens"] / record["metrics"]["train/tokens_per_s"]  # this call's training
+    assert record["phases"]["train"] == pytest.approx(before["seconds"]["train"] + resumed_only, rel=0.05, abs=0.05)
+    assert record["seconds"] >= record["phases"]["train"]
 
 
 def test_a_second_ctrl_c_exits_at_once(reference, tmp_path):

@@ -164,7 +164,8 @@ def run(cfg: Config, ctx):
     n_params = sum(p.numel() for p in model.parameters())
     metrics = dict(result.metrics, **splits.metrics, steps=result.steps, parameters=n_params,
                    train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
-    shown = {f"eval/{name}" for name in objective.headline} | {"steps"}
+    shown = {f"eval/{name}" for name in objective.headline} | {"steps", "train/tokens_per_s", "train/images_per_s",
+                                                               "train/flops_per_s", "train/mfu"}
     with ctx.phase("save"):
         objective.save(ctx.accelerator, model, ctx.out_dir)
         if ctx.is_main:
