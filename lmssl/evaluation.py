@@ -34,7 +34,7 @@ def evaluate_objective(objective, module, data, batch_size: int, accelerator, se
         n_batches = min(n_batches, max_batches * world)
     was_training = module.training
     module.eval()
-    sums: dict[str, list[float]] = {}
+    sums: dict[str, list] = {}       # name -> [sum, count]: device tensors (or floats), read once at the end
     for i in range(rank, n_batches, world):
         seed_all(seed * 31 + i + 99991)
         examples = _rows(data, i * batch_size, (i + 1) * batch_size)
@@ -45,17 +45,18 @@ def evaluate_objective(objective, module, data, batch_size: int, accelerator, se
         for key, value in stats.items():
             total, count = value if isinstance(value, tuple) else (value, 1.0)
             acc = sums.setdefault(key, [0.0, 0.0])
-            acc[0] += float(total)
-            acc[1] += float(count)
+            acc[0] = acc[0] + (total.double() if torch.is_tensor(total) else total)
+            acc[1] = acc[1] + (count.double() if torch.is_tensor(count) else count)
     keys = sorted(objective.stat_names) if hasattr(objective, "stat_names") else sorted(sums)
-    vector = torch.tensor([sums.get(k, [0.0, 0.0])[j] for k in keys for j in (0, 1)], dtype=torch.float64,
-                          device=accelerator.device)
+    vector = torch.stack([torch.as_tensor(sums.get(k, [0.0, 0.0])[j], dtype=torch.float64, device=accelerator.device)
+                          for k in keys for j in (0, 1)]) if keys else torch.zeros(0, dtype=torch.float64)
     if world > 1:
         vector = accelerator.reduce(vector, "sum")
     module.train(was_training)
     result = {}
+    values = vector.tolist()                                  # the one read of the device
     for idx, key in enumerate(keys):
-        total, count = vector[2 * idx].item(), vector[2 * idx + 1].item()
+        total, count = values[2 * idx], values[2 * idx + 1]
         if count > 0:
             result[key] = total / count
     if "loss" in result and getattr(objective, "reports_perplexity", False):

@@ -223,6 +223,10 @@ class TrainingConfig(StageConfig):
     """Write metrics every N optimizer steps."""
     max_nonfinite_steps: Annotated[int, Range(1)] = 5
     """A non-finite loss skips the step; this many in a row stop the run with an error."""
+    compile: bool = False
+    """torch.compile the training module (inductor; on CPU it needs a C compiler, as gcc on Linux): the first
+    steps compile, later ones run fused kernels. Sequence lengths that vary are compiled once as dynamic
+    shapes; evaluation runs the eager module, so it never recompiles."""
     num_workers: Annotated[int, Range(0, 256)] = 0
     """DataLoader worker processes (0 collates in the training process; fine for tokenized text)."""
     defaults: Literal["lmssl", "trainer"] = "lmssl"

@@ -143,7 +143,8 @@ class Tracker:
         return {"train/flops_per_s": flops, **({"train/mfu": flops / self.peak} if self.peak else {})}
 
     def step(self, step: int, loss: float, lr: float) -> None:
-        """Advance the bar by one optimizer step; refresh throughput every couple of seconds."""
+        """Advance the bar by one optimizer step; refresh throughput every couple of seconds. `loss` is the
+        mean of the last logged steps (read from the device once per log_every, not every step)."""
         now = time.perf_counter()
         if now - self.window_start >= 2.0:
             self.rate = self.window_units / (now - self.window_start)
@@ -158,7 +159,9 @@ class Tracker:
                 shown["TFLOP/s"] = f"{flops['train/flops_per_s'] / 1e12:.3g}"
                 if "train/mfu" in flops:
                     shown["MFU"] = f"{100 * flops['train/mfu']:.1f}%"
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **shown, refresh=False)
+            if loss == loss:                       # the loss of the last log_every steps (NaN before the first)
+                shown = {"loss": f"{loss:.4f}", **shown}
+            self.bar.set_postfix(lr=f"{lr:.2e}", **shown, refresh=False)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

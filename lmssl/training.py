@@ -143,6 +143,13 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _where_finite(finite: torch.Tensor, value) -> torch.Tensor:
+    """`value` (a device tensor or a host number) where the loss was finite, else 0: on the device, no copy."""
+    if torch.is_tensor(value):
+        return torch.where(finite, value.detach().float(), 0.0)
+    return finite.float() * float(value)           # the number travels as a kernel argument, not a copy
+
+
 def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, accelerator, out_dir: Path,
           ckpt_dir: Optional[Path], seed: int, accumulation: int, desc: str = "train",
           on_eval: Optional[Callable[[int], dict[str, float]]] = None, report_to: tuple[str, ...] = ("tensorboard",),
@@ -169,12 +176,15 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     accelerator.gradient_accumulation_steps = accumulation
     seed_all(seed)
     module = objective.training_module(model)
+    # fused: one kernel per step on CUDA and CPU, and the only AdamW that skips a non-finite step on the
+    # device (found_inf) instead of reading a flag back to the host
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                  fused=accelerator.device.type == "cuda" or None)
+                                  betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps,
                                                                        cfg.min_lr_ratio))
     module, optimizer = accelerator.prepare(module, optimizer)
+    # compiled: the training steps only; evaluation, clipping and checkpoints use the eager module (same weights)
+    stepper = torch.compile(module, dynamic=None) if getattr(cfg, "compile", False) else module
 
     step, micro, nonfinite_run, nonfinite_total, history = 0, 0, 0, 0, []
     prior = {"train": 0.0, "eval": 0.0, "save": 0.0}
@@ -225,86 +235,113 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
 
     module.train()
     after_step = getattr(objective, "after_step", None)  # optional: fine-tuning objectives have none
-    running, running_n, step_bad, flops_known = 0.0, 0, False, False
+    device = accelerator.device
+    # No host sync in the step: the loss, the statistics and the non-finite flags stay device tensors, added up
+    # there and read once per log_every; a non-finite step is skipped on the device by the fused AdamW
+    # (found_inf), counted, and the run stops within log_every steps of max_nonfinite_steps in a row.
+    zero = lambda: torch.zeros((), device=device)  # noqa: E731
+    sums: dict[str, list] = {}                      # statistic -> [sum, count] since the last log
+    step_bad = zero()                               # 1 when a micro-batch of this optimizer step was not finite
+    bad_total = torch.full((), float(nonfinite_total), device=device)
+    bad_run = torch.full((), float(nonfinite_run), device=device)
+    bad_longest = bad_run.clone()                   # the longest run of skipped steps since the last check
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper steps this one
+    last_loss, flops_known = float("nan"), False
     last_eval: dict[str, float] = {}
+
+    def read_counters() -> None:
+        nonlocal nonfinite_total, nonfinite_run
+        nonfinite_total, nonfinite_run = int(bad_total.item()), int(bad_run.item())
+
     with _StopFlag() as stop:
         for batch in loader:
             key = batch.pop("_key")
-            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
-            n_units, unit = count_units(batch)
-            if tracker.flops_per_unit is None and not flops_known:
-                flops_known = True                # once: the unit is known from the first batch
-                peak = device_peak(accelerator.device, accelerator.mixed_precision)
+            n_units, unit = count_units(batch)        # on the host's collated batch: no device read
+            if not flops_known:
+                flops_known = True                    # once: the unit is known from the first batch
+                peak = device_peak(device, accelerator.mixed_precision)
                 tracker.set_flops(flops_per_unit(model, unit, getattr(cfg, "max_length", None)),
                                   peak * world if peak else None)
             tracker.add_units(n_units * world, unit)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             seed_all(key + 1)  # dropout and any in-model sampling
             with accelerator.accumulate(module):
-                loss, _ = objective.loss(module, batch)
-                bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).item() else 1.0, device=accelerator.device)
-                if world > 1:
-                    bad = accelerator.reduce(bad, "sum")
-                if bad.item() > 0:
-                    step_bad = True
-                else:
-                    accelerator.backward(loss)
-                    running += loss.detach().float().item()
-                    running_n += 1
+                loss, stats = objective.loss(stepper, batch)
+                finite = torch.isfinite(loss.detach())
+                step_bad = torch.maximum(step_bad, (~finite).float())
+                accelerator.backward(loss)            # a non-finite step's gradients are never applied
+                for name, value in {"loss": (loss.detach().float(), 1.0), **stats}.items():
+                    total, count = value if isinstance(value, tuple) else (value, 1.0)
+                    acc = sums.setdefault(name, [zero(), zero()])
+                    acc[0] += _where_finite(finite, total)
+                    acc[1] += _where_finite(finite, count)
                 if accelerator.sync_gradients:
-                    if step_bad:
-                        nonfinite_run += 1
-                        nonfinite_total += 1
-                    else:
-                        nonfinite_run = 0
-                        if cfg.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
+                    if world > 1:                     # every process skips the same steps
+                        step_bad = (accelerator.reduce(step_bad, "sum") > 0).float()
+                    if cfg.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                    inner.found_inf = step_bad        # the fused AdamW leaves the weights and its state alone
+                    optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    bad_total += step_bad
+                    bad_run = (bad_run + step_bad) * step_bad
+                    bad_longest = torch.maximum(bad_longest, bad_run)
+                    step_bad = zero()
             micro += 1
             if not accelerator.sync_gradients:
                 continue
 
             step += 1
-            step_bad = False
             scheduler.step()
             if after_step is not None:  # momentum teachers and targets follow the online weights
                 after_step(accelerator.unwrap_model(module), step, total_steps)
             lr = scheduler.get_last_lr()[0]
-            tracker.step(step, running / max(1, running_n), lr)
-            if nonfinite_run >= cfg.max_nonfinite_steps:
-                raise LmsslError(
-                    f"{desc}: the loss was not finite for {nonfinite_run} steps in a row (step {step}); "
-                    "lower the learning rate or use bf16 instead of fp16. The last good checkpoint is kept."
-                )
+            tracker.step(step, last_loss, lr)
             if step % cfg.log_every == 0 or step == total_steps:
+                names = list(sums)
+                values = torch.stack([t for n in names for t in sums[n]] + [bad_longest, bad_total]).tolist()
+                longest, total_bad = int(values[-2]), int(values[-1])   # the one read of the device per log
+                means = {n: values[2 * i] / values[2 * i + 1] for i, n in enumerate(names) if values[2 * i + 1] > 0}
+                if longest >= cfg.max_nonfinite_steps:
+                    raise LmsslError(
+                        f"{desc}: the loss was not finite for {longest} steps in a row (by step {step}); "
+                        "lower the learning rate or use bf16 instead of fp16. The last good checkpoint is kept."
+                    )
+                bad_longest = bad_run.clone()
+                last_loss = means.get("loss", float("nan"))
                 rate = tracker.units / max(train_seconds(), 1e-9)                 # throughput: the average so far
-                record = {"train/loss": running / max(1, running_n), "train/lr": lr,
+                record = {"train/loss": last_loss, "train/lr": lr,
+                          **{f"train/{n}": v for n, v in means.items() if n != "loss"},
                           f"train/{tracker.unit_name}_per_s": rate, **tracker.flops_metrics(rate),
-                          "train/nonfinite_steps": nonfinite_total}
+                          "train/nonfinite_steps": total_bad}
                 tracker.log(step, record)
                 history.append({"step": step, **record})
-                running, running_n = 0.0, 0
+                sums = {}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 last_eval = run_eval()
                 tracker.log(step, last_eval)
                 tracker.write(f"{desc} step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
                 history.append({"step": step, **last_eval})
-            stop_now = torch.tensor(1.0 if stop.raised else 0.0, device=accelerator.device)
-            if world > 1:
-                stop_now = accelerator.reduce(stop_now, "sum")
-            if ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0 and step < total_steps)
-                             or stop_now.item() > 0):
+            # the stop flag: read as is on one process; several agree on it every log_every steps only
+            if world == 1:
+                stop_now = stop.raised
+            elif step % cfg.log_every == 0 or step == total_steps:
+                stop_now = bool(accelerator.reduce(torch.tensor(float(stop.raised), device=device), "sum").item() > 0)
+            else:
+                stop_now = False
+            if ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now):
                 begun = time.perf_counter()
+                read_counters()
                 checkpoint.save(accelerator, ckpt_dir, step, module, optimizer, scheduler, loop_state(),
                                 cfg.keep_checkpoints)
-                if on_save is not None and not stop_now.item() > 0:
+                if on_save is not None and not stop_now:
                     on_save(step, model)
                 clock["save"] += time.perf_counter() - begun
-            if stop_now.item() > 0:
+            if stop_now:
                 tracker.close()
                 raise Interrupted(f"{desc}: interrupted at step {step}; checkpoint written, run again to resume")
 
+    read_counters()
     trained = train_seconds()  # the loop is over: what follows is evaluating and writing
     last_eval = run_eval()
     tracker.log(step, last_eval)
@@ -313,10 +350,11 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     tracker.close()            # metrics files and the loss plot
     accelerator.free_memory()  # the Accelerator forgets this model and optimizer: stages train several in turn
     clock["save"] += time.perf_counter() - begun
-    train_losses = [h["train/loss"] for h in history if "train/loss" in h]
+    logged = [h for h in history if "train/loss" in h]
     metrics = dict(last_eval)
-    if train_losses:
-        metrics["train/loss"] = train_losses[-1]
+    if logged:                                    # the last logged training statistics (loss, accuracy, ...)
+        metrics.update({k: v for k, v in logged[-1].items() if k.startswith("train/") and k != "train/lr"
+                        and not k.endswith("_per_s") and k != "train/mfu"})
     metrics["train/nonfinite_steps"] = float(nonfinite_total)
     metrics[f"train/{tracker.unit_name}"] = float(tracker.units)
     metrics[f"train/{tracker.unit_name}_per_s"] = tracker.units / max(trained, 1e-9)  # this call's training only

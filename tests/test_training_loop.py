@@ -148,6 +148,19 @@ def test_nonfinite_losses_skip_the_step_and_stop_after_too_many(accelerator, tmp
                    accelerator, tmp_path / "a", None, seed=0, accumulation=1)
     assert result.metrics["train/nonfinite_steps"] == 2
     assert all(math.isfinite(x) for x in weights(make_model()).tolist())
+    # a skipped step is exact, on the device: weights, Adam moments and step count stay as they were, so a run
+    # whose step 3 is poisoned ends where the same run stopped after step 2 (a constant rate, no warmup)
+    flat = dict(schedule="constant", warmup_steps=0)
+    poisoned, clean = make_model(), make_model()
+    train(Regression(poison_steps={3}), poisoned, make_data(), None, config(max_steps=3, **flat), accelerator,
+          tmp_path / "c", None, seed=0, accumulation=1)
+    train(Regression(), clean, make_data(), None, config(max_steps=2, **flat), accelerator, tmp_path / "d", None,
+          seed=0, accumulation=1)
+    assert torch.equal(weights(poisoned), weights(clean))
+    unskipped = make_model()
+    train(Regression(), unskipped, make_data(), None, config(max_steps=3, **flat), accelerator, tmp_path / "e",
+          None, seed=0, accumulation=1)
+    assert not torch.equal(weights(unskipped), weights(clean))   # step 3 would have moved them
     with pytest.raises(LmsslError, match="not finite for 3 steps in a row"):
         train(Regression(poison_steps={2, 3, 4}), make_model(), make_data(), None,
               config(max_steps=10, max_nonfinite_steps=3), accelerator, tmp_path / "b", None, seed=0, accumulation=1)

@@ -90,7 +90,9 @@ class Objective(Protocol):
         """One batch: padding, masks, views. The loop has seeded every RNG for this batch."""
 
     def loss(self, module, batch) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-        """The training loss and its statistics, (sum, count) per name in stat_names."""
+        """The training loss and its statistics, (sum, count) per name in stat_names. Sums (and counts) may be
+        tensors on the batch's device and should be: the loop adds them up there and reads them once per
+        log_every, so a `.item()` here would stall the device on every micro-batch."""
 
     def features(self, module, batch) -> Optional[torch.Tensor]:
         """(batch, dim) embeddings of a batch's evaluation view, for the kNN monitor; None: not an encoder of images."""

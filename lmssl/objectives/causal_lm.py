@@ -99,4 +99,4 @@ class CausalLM(TextObjective):
     def loss(self, module, batch):
         loss, correct, count = module(**batch)
         n = float(count)
-        return loss, {"loss": (loss.item() * n, n), "accuracy": (float(correct), n)}
+        return loss, {"loss": (loss.detach() * n, n), "accuracy": (correct, n)}

@@ -46,9 +46,9 @@ class SequenceClassification:
     def loss(self, module, batch):
         out = module(**batch)  # cross-entropy over classes, or mean squared error when num_labels == 1
         n = float(batch["labels"].shape[0])
-        stats = {"loss": (out.loss.item() * n, n)}
+        stats = {"loss": (out.loss.detach() * n, n)}
         if not self.regression:
-            stats["accuracy"] = (float((out.logits.argmax(-1) == batch["labels"]).sum()), n)
+            stats["accuracy"] = ((out.logits.argmax(-1) == batch["labels"]).sum(), n)
         return out.loss, stats
 
     @torch.no_grad()

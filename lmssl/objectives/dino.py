@@ -315,9 +315,9 @@ class DINO(ImageObjective):
         if torch.is_grad_enabled() and inner.training:                    # after the loss, from this batch
             update_center(inner.center, teacher, self.options.center_momentum)
         count = float(n)
-        return loss, {"loss": (loss.item() * count, count),
+        return loss, {"loss": (loss.detach() * count, count),
                       "embedding_std": (embedding_std(cls) * count, count),
-                      "teacher_entropy": (float(entropy) * count, count)}
+                      "teacher_entropy": (entropy * count, count)}
 
     def after_step(self, module, step: int, total_steps: int) -> None:
         """The teacher follows the student with the cosine momentum of this step; the temperature of the

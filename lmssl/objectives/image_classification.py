@@ -57,7 +57,7 @@ class ImageClassification:
         logits = module(pixel_values=self.pixels(module, batch)).logits
         loss = F.cross_entropy(logits.float(), batch["labels"])
         n = float(batch["labels"].shape[0])
-        return loss, {"loss": (loss.item() * n, n), "accuracy": (float((logits.argmax(1) == batch["labels"]).sum()), n)}
+        return loss, {"loss": (loss.detach() * n, n), "accuracy": ((logits.argmax(1) == batch["labels"]).sum(), n)}
 
     @torch.no_grad()
     def predict(self, module, batch) -> torch.Tensor:

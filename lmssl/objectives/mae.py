@@ -189,7 +189,7 @@ class MaskedAutoencoder(ImageObjective):
             pixels = self.pixels(images)
         out = module(pixel_values=pixels, noise=batch["noise"])
         n = float(images.shape[0])
-        return out.loss, {"loss": (out.loss.item() * n, n)}
+        return out.loss, {"loss": (out.loss.detach() * n, n)}
 
     def encode(self, module, pixel_values):
         model = getattr(module, "module", module)

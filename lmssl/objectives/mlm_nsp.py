@@ -85,10 +85,10 @@ class MaskedLMWithNSP(MaskedLM):
 
     def loss(self, module, batch):
         out = module(**batch)
-        n, b = float(out["masked"]), float(batch["pair_label"].shape[0])
+        n, b = out["masked"], float(batch["pair_label"].shape[0])
         pair = self.pair_kind
         return out["loss"], {
-            "loss": (out["loss"].item() * b, b), "mlm_loss": (out["mlm_loss"].item() * n, n),
-            "accuracy": (float(out["correct"]), n), f"{pair}_loss": (out["pair_loss"].item() * b, b),
-            f"{pair}_accuracy": (float(out["pair_correct"]), b),
+            "loss": (out["loss"].detach() * b, b), "mlm_loss": (out["mlm_loss"].detach() * n, n),
+            "accuracy": (out["correct"], n), f"{pair}_loss": (out["pair_loss"].detach() * b, b),
+            f"{pair}_accuracy": (out["pair_correct"], b),
         }

@@ -114,9 +114,9 @@ class Rotation(ImageObjective):
         logits = module(turned)                                             # (4n, 4)
         with torch.autocast(logits.device.type, enabled=False):
             loss = F.cross_entropy(logits.float(), labels)
-        hits = float((logits.detach().argmax(1) == labels).sum())
+        hits = (logits.detach().argmax(1) == labels).sum()
         count = float(labels.shape[0])
-        return loss, {"loss": (loss.item() * count, count), "rotation_accuracy": (hits, count)}
+        return loss, {"loss": (loss.detach() * count, count), "rotation_accuracy": (hits, count)}
 
     def encode(self, module, pixel_values):
         inner = unwrapped(module)

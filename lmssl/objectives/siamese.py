@@ -99,7 +99,7 @@ class SiameseObjective(ImageObjective):
         z, p, target = module(pixels)                                      # each (2n, dim)
         loss = self.objective(z, p, target)
         count = float(z.shape[0])
-        return loss, {"loss": (loss.item() * count, count), "embedding_std": (embedding_std(z) * count, count)}
+        return loss, {"loss": (loss.detach() * count, count), "embedding_std": (embedding_std(z) * count, count)}
 
     def after_step(self, module, step: int, total_steps: int) -> None:
         if module.target is not None:

@@ -109,7 +109,7 @@ class SimCLR(ImageObjective):
             rows = torch.arange(2 * n, device=z.device)
             hits = (sim.argmax(1) == (rows + n) % (2 * n)).sum()
         count = float(2 * n)
-        return loss, {"loss": (loss.item() * count, count), "pair_accuracy": (float(hits), count)}
+        return loss, {"loss": (loss.detach() * count, count), "pair_accuracy": (hits, count)}
 
     def encode(self, module, pixel_values):
         backbone = module.backbone if isinstance(module, ProjectedEncoder) else module

@@ -234,7 +234,7 @@ class SimCSE(TextObjective):
             module.train(was_training)
         loss, hits = simcse_loss(z[:n], z[n:], self.options.temperature)
         count = float(n)
-        stats = {"loss": (loss.item() * count, count), "pair_accuracy": (float(hits.sum()), count)}
+        stats = {"loss": (loss.detach() * count, count), "pair_accuracy": (hits.sum(), count)}
         stats.update({name: (value, 1.0) for name, value in self.scores.items()})
         return loss, stats
 

@@ -59,10 +59,10 @@ def mlp(dims: list[int], batch_norm: bool = True, last_batch_norm: bool = False,
 
 
 @torch.no_grad()
-def embedding_std(z: torch.Tensor, dims: Optional[int] = None) -> float:
+def embedding_std(z: torch.Tensor, dims: Optional[int] = None) -> torch.Tensor:
     """The collapse monitor: the standard deviation over the batch of the L2-normalized embeddings,
     averaged over dimensions. Collapsed (every input the same vector): ~0; healthy: ~1/sqrt(d)
     (SimSiam, Chen & He 2021, fig. 2). Reported as a multiple of 1/sqrt(d), so 1.0 is healthy."""
     z = F.normalize(z.float(), dim=1)
     d = dims or z.shape[1]
-    return float(z.std(dim=0).mean() * math.sqrt(d)) if z.shape[0] > 1 else 0.0
+    return z.std(dim=0).mean() * math.sqrt(d) if z.shape[0] > 1 else z.new_zeros(())  # a tensor: no host sync
