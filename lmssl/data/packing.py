@@ -6,6 +6,7 @@ with a separator; blocks are cut from the stream and the last, shorter block is 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 
@@ -18,10 +19,26 @@ def word_starts_of(encoding, index: int) -> list[int]:
     return starts
 
 
+# Rows per tokenizing process: below this a source is tokenized in this process (forking costs more).
+ROWS_PER_PROCESS = 20_000
+
+
+def prep_processes(n_rows: int) -> Optional[int]:
+    """`num_proc` for tokenizing n_rows: the CPUs this process may use, at most one per ROWS_PER_PROCESS
+    rows; None (this process) when that is one. Tokenizing is row by row, so the result does not depend on it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    procs = min(cpus, n_rows // ROWS_PER_PROCESS)
+    return procs if procs > 1 else None
+
+
 def tokenize_column(dataset, tokenizer, column: str, desc: str = "tokenizing", with_word_starts: bool = False,
                     append: Optional[list[int]] = None):
     """One `ids` row per non-blank text (plus `word_starts` for whole-word masking); `append`
-    (e.g. [eos]) is added after every text."""
+    (e.g. [eos]) is added after every text. Ids are stored as int32 (half the bytes of int64, as written by
+    the map and read back by the packer); large sources are tokenized by several processes (prep_processes),
+    and the result is cached by the datasets fingerprint, so a second run reads it instead."""
+    import datasets
+
     append = list(append or [])
 
     def encode(batch):
@@ -34,7 +51,10 @@ def tokenize_column(dataset, tokenizer, column: str, desc: str = "tokenizing", w
             out["word_starts"] = [word_starts_of(enc, i) + [1] * len(append) for i in range(len(texts))]
         return out
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=desc)
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")),
+                                  **({"word_starts": datasets.Sequence(datasets.Value("int8"))} if with_word_starts else {})})
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=desc, features=features,
+                       num_proc=prep_processes(len(dataset)))
 
 
 def cut_blocks(stream: list[int], content_length: int) -> list[list[int]]:

@@ -1,0 +1,55 @@
+"""Preparing text for pretraining: tokenized by several processes for large sources (the same ids as one),
+stored compactly, and cached: a second run reads the prepared blocks instead of computing them again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pytest
+
+from conftest import shared_file
+from test_objectives import train_tokenizer, wikitext_lines
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer("bytebpe", tmp_path_factory.mktemp("tok"), wikitext_lines(limit=2000), vocab_size=800)
+
+
+def _lines(tmp_path, limit=None):
+    from lmssl.data.text import _load
+    from lmssl.recipe import DataConfig
+
+    data = _load(DataConfig(path="text", files=str(shared_file("wikitext-2/train.txt.xz"))), "train")
+    return data if limit is None else data.select(range(limit))
+
+
+def test_several_tokenizing_processes_give_the_ids_of_one(tokenizer, tmp_path, monkeypatch):
+    import lmssl.data.packing as packing
+
+    data = _lines(tmp_path)                                    # 36,718 lines: two processes on two CPUs
+    assert packing.prep_processes(len(data)) in (None, 2) and packing.prep_processes(100) is None
+    monkeypatch.setattr(packing, "prep_processes", lambda n: 2)
+    parallel = packing.tokenize_column(data, tokenizer, "text", append=[tokenizer.eos_token_id])
+    monkeypatch.setattr(packing, "prep_processes", lambda n: None)
+    single = packing.tokenize_column(data, tokenizer, "text", append=[tokenizer.eos_token_id],
+                                     desc="tokenizing again")
+    assert parallel.features["ids"].feature.dtype == "int32"
+    assert len(parallel) == len(single) > 20_000
+    assert parallel["ids"] == single["ids"]
+
+
+def test_prepared_blocks_are_read_back_on_a_second_run_not_recomputed(tokenizer, tmp_path):
+    from lmssl.objectives.causal_lm import CausalLM, Options
+
+    data = _lines(tmp_path, limit=3000)
+    folder = Path(data.cache_files[0]["filename"]).parent if data.cache_files else None
+    objective = CausalLM(Options(), tokenizer, 64)
+    first = objective.prepare(data)
+    made = {p.name: p.stat().st_mtime_ns for p in folder.glob("cache-*.arrow")}
+    assert first.cache_files and all(Path(f["filename"]).name in made for f in first.cache_files)
+    again = CausalLM(Options(), tokenizer, 64).prepare(data)   # another objective: the same fingerprints
+    assert [f["filename"] for f in again.cache_files] == [f["filename"] for f in first.cache_files]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("cache-*.arrow")} == made   # nothing written
+    assert again["input_ids"] == first["input_ids"]
