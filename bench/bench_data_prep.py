@@ -5,8 +5,8 @@ sources, then pack documents joined with EOS into blocks) against run_clm.py's (
     python bench/bench_data_prep.py [--block 512] [--repeats 2]
 
 Each preparation runs in its own subprocess with an empty datasets cache (nothing is reused), from the same
-memory-mapped Arrow table of lines; wall time covers the maps, and peak memory is the largest sum of the RSS
-of the subprocess and its workers, sampled every 20 ms. run_clm runs as the script does by default
+memory-mapped Arrow table of lines; wall time covers the maps, and peak memory is the largest sum of the PSS
+(proportional set size) of the subprocess and its workers, sampled every 20 ms. run_clm runs as the script does by default
 (`--preprocessing_num_workers` unset: one process) and with num_proc set to the CPUs, as lmssl does.
 """
 
@@ -36,9 +36,16 @@ def peak_rss(stop: threading.Event, out: list) -> None:
     import psutil
 
     me = psutil.Process()
+
+    def used(process) -> int:  # PSS: pages shared with forked workers are split between them, not counted twice
+        try:
+            return process.memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            return process.memory_info().rss
+
     while not stop.is_set():
         try:
-            total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+            total = used(me) + sum(used(c) for c in me.children(recursive=True))
         except psutil.Error:
             total = 0
         out[0] = max(out[0], total)
@@ -50,8 +57,12 @@ def child(way: str, lines_dir: str, tok_dir: str, block: int) -> None:
     import datasets
     from transformers import AutoTokenizer
 
+    import shutil
+
     datasets.disable_progress_bars()
-    lines = datasets.load_from_disk(lines_dir)
+    own = Path(os.environ["HF_DATASETS_CACHE"]) / "lines"     # a private copy: map caches land beside it
+    shutil.copytree(lines_dir, own)
+    lines = datasets.load_from_disk(str(own))
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     peak, stop = [0], threading.Event()
     sampler = threading.Thread(target=peak_rss, args=(stop, peak), daemon=True)
