@@ -356,8 +356,8 @@ def render(suite: Suite, stages: list[Stage], out: Path, command: str, wall: flo
         ("GLUE: pretrained against scratch",
          "Validation sets of ../shared/data/glue, official metrics x100, mean ± std over the seeds; each column "
          "fine-tunes the same architecture with the same settings, from the named pretraining or from random "
-         "initialization. The published rows are **test-set** scores of models pretrained on far larger budgets "
-         "(about 1,000x the tokens), shown only to place the numbers.", glue_table(stages)),
+         "initialization. The published rows are **test-set** scores of models pretrained on BookCorpus + "
+         "Wikipedia for 1M steps of 256 x 512 tokens (131B tokens), shown only to place the numbers.", glue_table(stages)),
         ("Causal LM: WikiText-2 test perplexity",
          "Per token: exp of the mean NLL of every test token (byte-level BPE tokens, so not comparable across "
          "tokenizers). **Per word**: exp of the summed NLL over the test set divided by its word count (words and "
