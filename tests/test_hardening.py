@@ -484,6 +484,9 @@ def _variants(tmp_path: Path) -> dict[str, tuple[list[dict], str, type, dict]]:
         "probe": ([{"name": "pre", "kind": "pretrain", "objective": "mae", "model": vit, "data": digits, "max_steps": 2},
                    {"name": "probe", "kind": "probe", "model_from": "pre", "data": digits}], "probe",
                   STAGES["probe"].Config, digits),
+        "perplexity": ([dict(TOK, spec="gpt2-bytebpe"), dict(PRE, objective="causal_lm", model={"family": "gpt2", "size": "tiny"}),
+                        {"name": "ppl", "kind": "perplexity", "model_from": "pre", "data": TEXT_DATA}], "ppl",
+                       STAGES["perplexity"].Config, TEXT_DATA),
     }
     for name, objective in OBJECTIVES.items():   # each objective's options, on a model it trains
         family = objective.families[0]
@@ -501,7 +504,8 @@ def _variants(tmp_path: Path) -> dict[str, tuple[list[dict], str, type, dict]]:
 def _stage_configs() -> list[str]:
     from lmssl.objectives import OBJECTIVES
 
-    return ["recipe", "tokenizer", "pretrain", "finetune", "probe", *(f"objective:{n}" for n in OBJECTIVES)]
+    return ["recipe", "tokenizer", "pretrain", "finetune", "probe", "perplexity",
+            *(f"objective:{n}" for n in OBJECTIVES)]
 
 
 STAGE_CONFIGS = _stage_configs()

@@ -90,10 +90,18 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(reference, 
             kills += 1
         proc.wait()
     assert kills >= 2, "the run finished before it could be killed"
-    assert _newest_step(run_dir) > 0
+    newest = _newest_step(run_dir)
+    assert newest > 0
+    before = json.loads(next(run_dir.glob(f".partial/pre-*/checkpoints/step-{newest:08d}/loop.json")).read_text())
     final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
-    assert "resuming from step-" in final.stdout + final.stderr
+    assert f"resuming from step-{newest:08d}" in final.stdout + final.stderr
+    # the stage's time counts the training before the last kill (up to the checkpoint it resumed from)
+    record = json.loads((run_dir / "pre" / "stage.json").read_text())
+    resumed_only = record["metrics"]["train/tokens"] / record["metrics"]["train/tokens_per_s"]  # the last call's
+    assert before["seconds"]["train"] > 0
+    assert record["phases"]["train"] == pytest.approx(before["seconds"]["train"] + resumed_only, rel=0.05, abs=0.05)
+    assert record["seconds"] >= record["phases"]["train"]
     got = load_file(run_dir / "pre" / "model.safetensors")
     assert got.keys() == expected.keys()
     for name in expected:
@@ -116,15 +124,6 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     step = int(re.search(r"interrupted at step (\d+)", err).group(1))
     assert step >= 7
     assert list(run_dir.glob(f".partial/pre-*/checkpoints/step-{step:08d}/manifest.json"))
-    # the resumed stage's time counts the training done before the interruption (up to that checkpoint)
-    before = json.loads(next(run_dir.glob(f".partial/pre-*/checkpoints/step-{step:08d}/loop.json")).read_text())
-    assert before["seconds"]["train"] > 0
-    final = subprocess.run(_cmd(recipe, run_dir), capture_output=True, text=True, env=_env(), cwd=tmp_path)
-    assert final.returncode == 0 and "resuming from step-" in final.stdout + final.stderr, final.stderr[-2000:]
-    record = json.loads((run_dir / "pre" / "stage.json").read_text())
-    resumed_only = record["metrics"]["train/tokens"] / record["metrics"]["train/tokens_per_s"]  # this call's training
-    assert record["phases"]["train"] == pytest.approx(before["seconds"]["train"] + resumed_only, rel=0.05, abs=0.05)
-    assert record["seconds"] >= record["phases"]["train"]
 
 
 def test_a_second_ctrl_c_exits_at_once(reference, tmp_path):

@@ -117,7 +117,7 @@ def _scores(task: Task, predictions: dict[str, list], references: dict[str, list
 
 def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, source, tokenizer, scratch: bool,
                    seed: int, run_dir: Path) -> tuple[object, dict]:
-    """Train one model; return it with its validation scores and its test-split predictions."""
+    """Train one model; return it (its best epoch's weights) with its validation scores."""
     from lmssl.evaluation import predict, task_score
     from lmssl.rng import seed_all
     from lmssl.training import train
@@ -149,11 +149,23 @@ def _finetune_once(cfg: Config, ctx, task: Task, prepared: dict, objective, sour
     ctx.add_phases(result.seconds)
     model = ctx.accelerator.unwrap_model(model)
     model.load_state_dict(best["state"])
-    scores = best["scores"]
+    return model, {"seed": seed, "scores": best["scores"], "best_step": best["step"]}
+
+
+def _test_predictions(cfg: Config, ctx, task: Task, prepared: dict, objective, model, folder: Path,
+                      trust_remote_code: bool) -> dict[str, list]:
+    """The test splits predicted by the kept (best) model: the one in memory, or the one saved in `folder`
+    when it was trained before an interruption. Once per task, not per seed and init."""
+    from lmssl.evaluation import predict
+
+    if model is None:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model.to(ctx.accelerator.device)
     with ctx.phase("eval"):
-        tests = {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
-                 for split in task.tests}
-    return model, {"seed": seed, "scores": scores, "tests": tests, "best_step": best["step"]}
+        return {split: predict(objective, model, prepared[split], cfg.batch_size, ctx.accelerator)
+                for split in task.tests}
 
 
 def _write_submission(folder: Path, task: Task, predictions: dict[str, list]) -> None:
@@ -235,7 +247,7 @@ def run(cfg: Config, ctx):
                             [("train", task.train), *task.evals.items(), *task.tests.items()]}
         for scratch in inits:
             init = "scratch" if scratch else "pretrained"
-            runs, best = [], None
+            runs, best, best_model = [], None, None
             for seed in cfg.seeds:
                 run_dir = ctx.out_dir / "runs" / f"{task.name}-{init}-seed{seed}"
                 done = run_dir / "result.json"
@@ -248,7 +260,7 @@ def run(cfg: Config, ctx):
                 runs.append(result)
                 score = task_score(result["scores"])
                 if best is None or score > best[0]:
-                    best = (score, result)
+                    best, best_model = (score, result), model
                     if model is not None and not scratch:
                         with ctx.phase("save"):
                             fit_tokenizer(tokenizer, model)
@@ -263,8 +275,12 @@ def run(cfg: Config, ctx):
                 metrics[f"{task.name}/{init}/{metric}"] = mean
                 rows.append({"task": task.name, "init": init, "metric": metric, "mean": mean, "std": std,
                              "seeds": list(cfg.seeds), "scores": values, "best_seed": best[1]["seed"]})
-            if not scratch and ctx.is_main and task.tests:
-                _write_submission(ctx.out_dir / "submission", task, best[1]["tests"])
+            if not scratch and task.tests:        # every process predicts (sharded); the main one writes
+                tests = best[1].get("tests") or _test_predictions(settings, ctx, task, prepared, objective, best_model,
+                                                                 ctx.out_dir / task.name, cfg.trust_remote_code)
+                if ctx.is_main:
+                    _write_submission(ctx.out_dir / "submission", task, tests)
+            best_model = None
         if ctx.is_main:
             with ctx.phase("save"):
                 best_seed = next(r["best_seed"] for r in rows if r["task"] == task.name and r["init"] == "pretrained")
