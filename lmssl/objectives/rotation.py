@@ -129,8 +129,4 @@ class Rotation(ImageObjective):
     def save_pretraining(self, model, folder: Path) -> None:
         trained = getattr(self, "trained", None)
         if trained is not None:
-            from safetensors.torch import save_file
-
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in trained.head.state_dict().items()},
-                      str(folder / HEAD_FILE))
+            self.save_head(trained.head, HEAD_FILE, folder)

@@ -14,8 +14,7 @@ import torch
 
 from lmssl.data.views import apply_views
 from lmssl.objectives.teacher import cosine_momentum, ema_update, embedding_std, frozen_copy
-from lmssl.objectives.vision import (PRETRAINING_FOLDER, ImageObjective, batch_generator, flatten_views,
-                                    stack_images, views_of)
+from lmssl.objectives.vision import PRETRAINING_FOLDER, ImageObjective, views_of
 
 HEADS_FILE = "heads.safetensors"  # under pretraining/: projector, predictor, target (every weight but the backbone)
 HEAD_GROUPS = ("online.projector.", "predictor.", "target.")
@@ -89,9 +88,7 @@ class SiameseObjective(ImageObjective):
         return module
 
     def collate(self, examples):
-        images = stack_images(examples)                                    # (n, 3, S, S) uint8
-        views = self.draw(2 * len(examples), self.options.views, batch_generator())
-        return {"images": images, **flatten_views(views, "views")}
+        return self.two_view_batch(examples)
 
     def loss(self, module, batch):
         images = batch["images"]

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from lmssl.collectives import gather_with_grad
 from lmssl.data.views import ViewOptions, apply_views
 from lmssl.schema import Range, check_ranges
-from lmssl.objectives.vision import (ImageObjective, batch_generator, flatten_views,
-                                    stack_images, views_of)
+from lmssl.objectives.vision import ImageObjective, views_of
 
 HEAD_FILE = "projection_head.safetensors"
 
@@ -92,9 +91,7 @@ class SimCLR(ImageObjective):
         return module
 
     def collate(self, examples):
-        images = stack_images(examples)                                    # (n, 3, S, S) uint8
-        views = self.draw(2 * len(examples), self.options.views, batch_generator())
-        return {"images": images, **flatten_views(views, "views")}
+        return self.two_view_batch(examples)
 
     def loss(self, module, batch):
         images = batch["images"]
@@ -121,8 +118,4 @@ class SimCLR(ImageObjective):
     def save_pretraining(self, model, folder: Path) -> None:
         trained = getattr(self, "trained", None)
         if trained is not None:
-            from safetensors.torch import save_file
-
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in trained.head.state_dict().items()},
-                      str(folder / HEAD_FILE))
+            self.save_head(trained.head, HEAD_FILE, folder)

@@ -123,6 +123,21 @@ class ImageObjective(BaseObjective):
                                             **warm_start_overrides(model_cfg))
         return ViTModel(build_vit_config(model_cfg, ViTConfig), add_pooling_layer=False)
 
+    def two_view_batch(self, examples) -> dict:
+        """A batch of two-view methods (SimCLR, BYOL, SimSiam, MoCo v3): the images once, and the choices of
+        2n views (rows i and n+i are the two views of image i)."""
+        images = stack_images(examples)                                    # (n, 3, S, S) uint8
+        views = self.draw(2 * len(examples), self.options.views, batch_generator())
+        return {"images": images, **flatten_views(views, "views")}
+
+    @staticmethod
+    def save_head(head: torch.nn.Module, filename: str, folder: Path) -> None:
+        """continue_head's counterpart: `head`'s weights as folder/filename (safetensors)."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(folder / filename))
+
     def continue_head(self, head: torch.nn.Module, filename: str, what: str) -> None:
         """Load `head` from the warm start's PRETRAINING_FOLDER/filename when build_model warm-started from
         an lmssl folder holding one of the same shapes; warn and keep the fresh head when the shapes differ."""
