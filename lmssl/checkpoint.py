@@ -2,9 +2,9 @@
 
 A checkpoint is a folder `step-00000123/` holding the model (safetensors), optimizer, scheduler
 and grad-scaler state (torch tensors, read back with weights_only=True), every process's RNG
-state (JSON) and the loop's position (JSON). It is written under a temporary name and renamed
-only when complete, with a manifest of SHA-256 sums written last, so a folder without a valid
-manifest is never resumed from. Final models are not saved here (see hub.py).
+state (JSON), the loop's position (JSON) and, when streaming, every process's position in its
+stream (JSON). It is written under a temporary name and renamed only when complete, with a
+manifest of SHA-256 sums written last, so a folder without a valid manifest is never resumed from. Final models are not saved here (see hub.py).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def latest_valid(root: Path, log=print) -> Optional[Path]:
 
 
 def save(accelerator, root: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-         loop_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically on every process; keep the newest `keep` checkpoints."""
+         loop_state: dict[str, Any], keep: int, data_state: Optional[dict[str, Any]] = None) -> Path:
+    """Write checkpoint `step` atomically on every process; keep the newest `keep` checkpoints.
+    `data_state`: this process's own data position (a stream's), written by each process as data-<rank>.json."""
     root = Path(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -74,6 +75,8 @@ def save(accelerator, root: Path, step: int, model: torch.nn.Module, optimizer, 
         accelerator.wait_for_everyone()
         rank = accelerator.process_index
         (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+        if data_state is not None:
+            (tmp / f"data-{rank}.json").write_text(json.dumps(data_state))
         state_dict_model = accelerator.unwrap_model(model)
         if main:
             save_model(state_dict_model, str(tmp / "model.safetensors"))
@@ -120,4 +123,7 @@ def load(accelerator, folder: Path, model: torch.nn.Module, optimizer, scheduler
     rng_file = folder / f"rng-{accelerator.process_index}.json"
     if rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
+    data_file = folder / f"data-{accelerator.process_index}.json"
+    if data_file.exists():
+        loop_state["data"] = json.loads(data_file.read_text())
     return loop_state

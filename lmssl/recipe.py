@@ -71,7 +71,12 @@ class DataConfig:
     """Keep only N training rows (quick experiments): the first N of a text source, N drawn with the
     run's seed from an image source (so every class stays); None keeps all."""
     streaming: bool = False
-    """Stream instead of downloading/reading everything first (corpora larger than memory or disk)."""
+    """Stream instead of downloading/reading everything first (corpora larger than memory or disk). Pretraining
+    (mlm, causal_lm) then tokenizes and packs on the fly in DataLoader workers and needs max_steps; other
+    stages read the stream into an on-disk table first."""
+    shuffle_buffer: Annotated[int, Range(0, 10_000_000)] = 1000
+    """Streaming pretraining: blocks are handed out in a seeded random order within windows of this many
+    (0: in stream order). A resume re-tokenizes at most one window, so larger windows resume slower."""
     encoding: Optional[str] = None
     """Text encoding of local files (latin-1 for some Gutenberg books); None means UTF-8."""
     revision: Optional[str] = None

@@ -69,8 +69,19 @@ def _data_fingerprint(config: dict) -> list[str]:
     return found
 
 
+def _without_inert(value: Any) -> Any:
+    """A config dict without the data fields that do nothing where they are: shuffle_buffer of a source that
+    does not stream (so adding it left every earlier stage's fingerprint as it was)."""
+    if isinstance(value, dict):
+        inert = {"shuffle_buffer"} if value.get("streaming") is False else set()
+        return {k: _without_inert(v) for k, v in value.items() if k not in inert}
+    if isinstance(value, list):
+        return [_without_inert(v) for v in value]
+    return value
+
+
 def fingerprint(stage: StageConfig, recipe: Recipe, outputs: dict[str, StageResult]) -> str:
-    config = {k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_FINGERPRINTED}
+    config = _without_inert({k: v for k, v in dataclasses.asdict(stage).items() if k not in NOT_FINGERPRINTED})
     inputs = {}
     for ref, value in stage.references():
         key = f"{ref}:{value}" if isinstance(getattr(stage, ref), list) else ref

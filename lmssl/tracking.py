@@ -105,6 +105,14 @@ def start_trackers(names: tuple[str, ...], folder: Path, run: str) -> list:
     return started
 
 
+def _short(count: float) -> str:
+    """1234567 -> '1.23M': a count the progress bar can show in a few characters."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:.0f}"
+
+
 class Tracker:
     """Progress bar + metrics.jsonl + the recipe's Accelerate trackers (report_to) for one training loop."""
 
@@ -153,7 +161,8 @@ class Tracker:
             self.rate = self.window_units / (now - self.window_start)
         self.bar.update(1)
         if self.enabled:
-            shown = {f"{self.unit_name}/s now": f"{self.rate:,.0f}"}  # the last seconds' rate, not the average
+            # units seen so far, with no total (a stream has none), and the last seconds' rate, not the average
+            shown = {self.unit_name: _short(self.units), f"{self.unit_name}/s now": f"{self.rate:,.0f}"}
             flops = self.flops_metrics(self.rate)
             if flops:
                 shown["TFLOP/s"] = f"{flops['train/flops_per_s'] / 1e12:.3g}"

@@ -8,6 +8,7 @@ the forward pass (dropout), which makes a resumed run bit-identical to an uninte
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import time
@@ -163,7 +164,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     started = time.perf_counter()
     clock = {"eval": 0.0, "save": 0.0}  # the rest of this call's wall time is training
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = len(train_data) // (cfg.batch_size * world)
+    streaming = getattr(train_data, "streaming", False)   # a data.streaming.TextStream: no length, max_steps
+    per_epoch = 1 if streaming else len(train_data) // (cfg.batch_size * world)
     if per_epoch == 0:
         raise LmsslError(
             f"{desc}: the training data has {len(train_data)} examples, fewer than one batch of "
@@ -195,16 +197,24 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
         nonfinite_run, nonfinite_total = state["nonfinite_run"], state["nonfinite_total"]
         history = state.get("history", [])
         prior = state.get("seconds", prior)     # time spent before the interruption, up to that checkpoint
-        accelerator.print(f"{desc}: resuming from {latest.name} (step {step}/{total_steps}, "
-                          f"micro-batch {micro}, epoch {micro // per_epoch})")
+        where = f"micro-batch {micro}" + ("" if streaming else f", epoch {micro // per_epoch}")
+        accelerator.print(f"{desc}: resuming from {latest.name} (step {step}/{total_steps}, {where})")
     accelerator.step = micro % accumulation
 
-    loader = DataLoader(
-        KeyedDataset(train_data),
-        batch_sampler=ResumableBatches(len(train_data), cfg.batch_size, world, rank, seed, micro, total_micro),
-        collate_fn=make_collate(objective.collate), num_workers=cfg.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    pin = accelerator.device.type == "cuda"
+    stream_state: Optional[dict] = None  # streaming: each DataLoader worker's state after its last batch used here
+    if streaming:
+        saved = state.get("data") if latest is not None else None
+        batches, workers = train_data.loader(cfg.batch_size, rank, world, seed, micro, cfg.num_workers, saved, pin,
+                                             f"stages.{desc}")
+        loader = itertools.islice(batches, total_micro - micro)
+        stream_state = saved or {"workers": workers, "streams": [None] * max(1, workers)}
+    else:
+        loader = DataLoader(
+            KeyedDataset(train_data),
+            batch_sampler=ResumableBatches(len(train_data), cfg.batch_size, world, rank, seed, micro, total_micro),
+            collate_fn=make_collate(objective.collate), num_workers=cfg.num_workers, pin_memory=pin,
+        )
     tracker = Tracker(out_dir, accelerator.is_main_process, total_steps, step, desc, report_to)
 
     def loop_state() -> dict[str, Any]:
@@ -256,6 +266,9 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     with _StopFlag() as stop:
         for batch in loader:
             key = batch.pop("_key")
+            if stream_state is not None:             # where to resume after this batch: its worker's state
+                made = batch.pop("_state")
+                stream_state["streams"][made["worker"]] = made
             n_units, unit = count_units(batch)        # on the host's collated batch: no device read
             if not flops_known:
                 flops_known = True                    # once: the unit is known from the first batch
@@ -333,7 +346,7 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                 begun = time.perf_counter()
                 read_counters()
                 checkpoint.save(accelerator, ckpt_dir, step, module, optimizer, scheduler, loop_state(),
-                                cfg.keep_checkpoints)
+                                cfg.keep_checkpoints, data_state=stream_state)
                 if on_save is not None and not stop_now:
                     on_save(step, model)
                 clock["save"] += time.perf_counter() - begun

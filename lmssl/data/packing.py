@@ -7,7 +7,12 @@ with a separator; blocks are cut from the stream and the last, shorter block is 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# Documents per packing group: pack_blocks packs each map batch of this many documents on its own (its
+# remainder kept as a shorter block), and the streaming packer flushes after as many, so both cut the same blocks.
+DOCS_PER_GROUP = 1000
 
 
 def word_starts_of(encoding, index: int) -> list[int]:
@@ -88,4 +93,81 @@ def pack_blocks(dataset, content_length: int, separator: list[int], prefix: list
             out["word_starts"] = [edge_p + [1] + block[1:] + edge_s for block in cut_blocks(starts, content_length)]
         return out
 
-    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=desc)
+    return dataset.map(pack, batched=True, batch_size=DOCS_PER_GROUP, remove_columns=dataset.column_names, desc=desc)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a text objective turns documents into training blocks: `append` after every document's tokens
+    (EOS for causal LM), `separator` between documents in a block, every block `prefix` + up to
+    content_length tokens + `suffix` ([CLS] ... [SEP] for BERT). One spec serves the prepared (map-style)
+    path and the streaming one, so both see the same blocks."""
+
+    content_length: int
+    separator: tuple[int, ...] = ()
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+    append: tuple[int, ...] = ()
+    word_starts: bool = False
+
+    def prepare(self, dataset, tokenizer, column: str = "text"):
+        """Documents (a Dataset) into packed blocks, once, cached by fingerprint."""
+        ids = tokenize_column(dataset, tokenizer, column, with_word_starts=self.word_starts, append=list(self.append))
+        return pack_blocks(ids, self.content_length, list(self.separator), list(self.prefix), list(self.suffix))
+
+    def encode(self, tokenizer, texts: list[str]) -> list[tuple[list[int], Optional[list[int]]]]:
+        """(ids, word starts or None) per document, as tokenize_column makes them."""
+        enc = tokenizer(texts, add_special_tokens=False)
+        tail = list(self.append)
+        return [(ids + tail, word_starts_of(enc, i) + [1] * len(tail) if self.word_starts else None)
+                for i, ids in enumerate(enc["input_ids"])]
+
+
+class BlockPacker:
+    """pack_blocks one document at a time, for streams: blocks are cut as soon as content_length tokens are
+    there, a group of DOCS_PER_GROUP documents ends with its shorter remainder, and what is not cut yet (the
+    carry-over) is part of `state()`, so a resumed stream continues mid-block."""
+
+    def __init__(self, spec: Packing, state: Optional[dict[str, Any]] = None):
+        state = state or {}
+        self.spec = spec
+        self.ids: list[int] = list(state.get("ids", []))
+        self.starts: list[int] = list(state.get("starts", []))
+        self.docs: int = state.get("docs", 0)               # documents in the current group
+        self.started: bool = state.get("started", False)    # the group has tokens (a separator goes first)
+
+    def state(self) -> dict[str, Any]:
+        return {"ids": list(self.ids), "starts": list(self.starts), "docs": self.docs, "started": self.started}
+
+    def _block(self, ids: list[int], starts: list[int]) -> dict[str, list[int]]:
+        spec = self.spec
+        block = {"input_ids": [*spec.prefix, *ids, *spec.suffix]}
+        if spec.word_starts:
+            block["word_starts"] = [1] * len(spec.prefix) + [1] + starts[1:] + [1] * len(spec.suffix)
+        return block
+
+    def add(self, ids: list[int], starts: Optional[list[int]] = None) -> list[dict[str, list[int]]]:
+        """One tokenized document in; the blocks it completes out."""
+        spec, blocks = self.spec, []
+        if ids:
+            if self.started and spec.separator:
+                self.ids.extend(spec.separator)
+                self.starts.extend([1] * len(spec.separator))
+            self.ids.extend(ids)
+            if spec.word_starts:
+                self.starts.extend(starts)
+            self.started = True
+            n = spec.content_length
+            while len(self.ids) >= n:
+                blocks.append(self._block(self.ids[:n], self.starts[:n]))
+                del self.ids[:n], self.starts[:n]
+        self.docs += 1
+        if self.docs == DOCS_PER_GROUP:
+            blocks += self.flush()
+        return blocks
+
+    def flush(self) -> list[dict[str, list[int]]]:
+        """End the group (or the data): its remainder becomes a shorter block."""
+        blocks = [self._block(self.ids, self.starts)] if self.ids else []
+        self.ids, self.starts, self.docs, self.started = [], [], 0, False
+        return blocks

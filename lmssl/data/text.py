@@ -91,6 +91,26 @@ def _read_text_files(names: list[str], encoding: str):
                                            gen_kwargs={"names": names, "encoding": encoding, "stamps": stamps})
 
 
+def stream_split(cfg: DataConfig, split: str):
+    """One split as a `datasets.IterableDataset` that reads as it goes: local text files through _text_lines
+    (one shard per file), a builtin set as one shard, anything else through load_dataset(streaming=True)."""
+    import datasets
+
+    files = cfg.files
+    if isinstance(files, (str, list)):
+        files = {"train": files}
+    if cfg.path == "text" and files and split in files and not cfg.options:
+        local = _local_files(files[split])
+        if local is not None:
+            features = datasets.Features({"text": datasets.Value("string")})
+            return datasets.IterableDataset.from_generator(
+                _text_lines, features=features,
+                gen_kwargs={"names": local, "encoding": cfg.encoding or "utf-8", "stamps": [""] * len(local)})
+    if cfg.path.startswith("builtin:"):
+        return _load(cfg, split).to_iterable_dataset(num_shards=1)
+    return _load(cfg, split)
+
+
 def _materialize(stream, column: str, limit: Optional[int], where: str):
     """A streamed split as an on-disk (memory-mapped) Dataset of its text column: the corpus is
     read chunk by chunk and never held in memory; `limit` rows at most."""

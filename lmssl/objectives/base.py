@@ -59,6 +59,9 @@ class Objective(Protocol):
     """Whether evaluation adds exp(loss) as perplexity."""
     unused_fields: ClassVar[tuple[str, ...]]
     """Pretrain-stage fields (a.b for nested ones) this method has no use for: writing one is a recipe error."""
+    streams: ClassVar[bool]
+    """Whether it trains from a stream (data.streaming): then `packing()` says how documents become blocks, and
+    the stream tokenizes, packs and collates in DataLoader workers, nothing prepared first."""
 
     @classmethod
     def check(cls, options, stage, where: str) -> None:
@@ -75,6 +78,9 @@ class Objective(Protocol):
 
     def prepare(self, dataset):
         """Turn read examples into training examples (tokenize, pack, pair), once, cached."""
+
+    def packing(self):
+        """Methods that stream: the data.packing.Packing that `prepare` applies (tokens to blocks)."""
 
     def build_model(self, model_cfg) -> torch.nn.Module:
         """A transformers model (from config or model_cfg.init_from) that from_pretrained loads back."""
@@ -111,6 +117,7 @@ class BaseObjective:
 
     reports_perplexity: ClassVar[bool] = False
     unused_fields: ClassVar[tuple[str, ...]] = ()
+    streams: ClassVar[bool] = False
 
     def __init__(self, options, preprocessor, max_length: Optional[int] = None, seed: int = 0):
         """`max_length`: tokens per sequence (text; image methods take their size from the processor);
@@ -141,6 +148,10 @@ class BaseObjective:
         """No teacher to update."""
 
     def features(self, module, batch) -> Optional[torch.Tensor]:
+        return None
+
+    def packing(self):
+        """None: the method does not stream (streams is False)."""
         return None
 
 
@@ -185,6 +196,24 @@ class TextObjective(BaseObjective):
         metrics = dict(metrics, **{"data/train_documents": float(len(train)),
                                    "data/eval_documents": float(len(eval_text) if eval_text is not None else 0)})
         return Splits(train, eval_text, metrics)
+
+    @classmethod
+    def read_stream(cls, stage, seed: int, where: str) -> Splits:
+        """A streamed stage.data: the training split as an unread IterableDataset of rows (cleaned, made
+        documents and packed as it is read: lmssl.data.streaming), the eval_split read whole as `read` reads it
+        (no eval_split: no evaluation, since a fraction of a stream of unknown length cannot be held out)."""
+        from lmssl.data.cleaning import clean_texts
+        from lmssl.data.streaming import open_source
+        from lmssl.data.text import _materialize, stream_split, to_documents
+
+        train = open_source(stage.data, where)
+        eval_text = None
+        if stage.data.eval_split:
+            eval_text = _materialize(stream_split(stage.data, stage.data.eval_split), stage.data.column, None, where)
+            eval_text, _ = clean_texts(eval_text, stage.data.column, stage.data.max_chars, f"{where}.data",
+                                       stage.documents == "blank_lines")
+            eval_text = to_documents(eval_text, stage.data.column, stage.documents)
+        return Splits(train, eval_text, {"data/eval_documents": float(len(eval_text) if eval_text is not None else 0)})
 
     @classmethod
     def load_preprocessor(cls, stage, train, resolve, where: str):

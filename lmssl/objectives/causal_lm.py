@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmssl.data.packing import pack_blocks, tokenize_column
+from lmssl.data.packing import Packing
 from lmssl.errors import LmsslError
 from lmssl.models import CAUSAL_FAMILIES, build_config
 from lmssl.objectives.base import TextObjective
@@ -64,6 +64,7 @@ class CausalLM(TextObjective):
     headline = ("loss", "perplexity", "accuracy")
     pipeline_tag = "text-generation"
     reports_perplexity = True
+    streams = True
     Options = Options
 
     def __init__(self, options: Options, tokenizer, max_length: int = 128, seed: int = 0):
@@ -80,10 +81,12 @@ class CausalLM(TextObjective):
             return AutoModelForCausalLM.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
         return AutoModelForCausalLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
 
+    def packing(self) -> Packing:
+        """Every document ends with EOS; blocks are max_length tokens with nothing added."""
+        return Packing(self.max_length, append=(self.tokenizer.eos_token_id,))
+
     def prepare(self, dataset, column: str = "text"):
-        eos = [self.tokenizer.eos_token_id]
-        ids = tokenize_column(dataset, self.tokenizer, column, append=eos)   # every document ends with EOS
-        return pack_blocks(ids, self.max_length, separator=[], prefix=[], suffix=[])
+        return self.packing().prepare(dataset, self.tokenizer, column)
 
     def collate(self, examples):
         input_ids = pad_rows([e["input_ids"] for e in examples], self.pad_id)

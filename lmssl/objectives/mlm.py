@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import torch
 import torch.nn.functional as F
 
-from lmssl.data.packing import pack_blocks, tokenize_column
+from lmssl.data.packing import Packing
 from lmssl.errors import RecipeError
 from lmssl.models import MASKED_FAMILIES, build_config
 from lmssl.objectives.base import TextObjective
@@ -106,6 +106,7 @@ class MaskedLM(TextObjective):
     stat_names = ("loss", "accuracy")
     headline = ("loss", "accuracy")
     pipeline_tag = "fill-mask"
+    streams = True
     Options = Options
 
     def __init__(self, options: Options, tokenizer, max_length: int = 128, seed: int = 0):
@@ -123,12 +124,15 @@ class MaskedLM(TextObjective):
             return AutoModelForMaskedLM.from_pretrained(model_cfg.init_from, trust_remote_code=model_cfg.trust_remote_code)
         return AutoModelForMaskedLM.from_config(build_config(model_cfg, self.tokenizer, self.max_length))
 
-    def prepare(self, dataset, column: str = "text"):
+    def packing(self) -> Packing:
+        """[CLS] block [SEP], documents joined by [SEP] inside a block (RoBERTa's FULL-SENTENCES)."""
         tok = self.tokenizer
-        ids = tokenize_column(dataset, tok, column, with_word_starts=self.options.whole_word)
-        cls = [tok.cls_token_id] if tok.cls_token_id is not None else [tok.bos_token_id]
-        sep = [tok.sep_token_id] if tok.sep_token_id is not None else [tok.eos_token_id]
-        return pack_blocks(ids, self.max_length - 2, separator=sep, prefix=cls, suffix=sep)
+        cls = (tok.cls_token_id,) if tok.cls_token_id is not None else (tok.bos_token_id,)
+        sep = (tok.sep_token_id,) if tok.sep_token_id is not None else (tok.eos_token_id,)
+        return Packing(self.max_length - 2, separator=sep, prefix=cls, suffix=sep, word_starts=self.options.whole_word)
+
+    def prepare(self, dataset, column: str = "text"):
+        return self.packing().prepare(dataset, self.tokenizer, column)
 
     def mask(self, examples) -> dict[str, torch.Tensor]:
         """Pad `input_ids` (and `token_type_ids`) and draw this batch's masks."""

@@ -54,6 +54,7 @@ class MaskedLMWithNSP(MaskedLM):
     pair_kind = "nsp"
     stat_names = ("loss", "mlm_loss", "accuracy", "nsp_loss", "nsp_accuracy")
     headline = ("loss", "mlm_loss", "accuracy", "nsp_accuracy")
+    streams = False          # the random next sentence is drawn from the whole corpus, which a stream never holds
     Options = Options
 
     @classmethod

@@ -88,6 +88,16 @@ class Config(TrainingConfig):
         objective.check(options, self if checked is self.model else dataclasses.replace(self, model=checked), where)
         if objective.modality == "text":
             check_positions(checked, self.max_length, f"{where}.model")
+        if self.data.streaming:
+            if not objective.streams:
+                kind = "images are decoded once into an on-disk cache" if objective.modality == "image" else \
+                    "it draws from the whole corpus at once"
+                streamers = ", ".join(n for n, o in OBJECTIVES.items() if o.streams)
+                raise RecipeError(f"{where}.data.streaming: the {self.objective} objective cannot train from a stream "
+                                  f"({kind}); objectives that stream: {streamers}. Set streaming: false")
+            if self.max_steps is None:
+                raise RecipeError(f"{where}.max_steps: a streamed corpus has no known length, so epochs cannot say how "
+                                  "long to train; give max_steps")
         self.knn.check(f"{where}.knn")
         self.data.check(f"{where}.data")
 
@@ -147,10 +157,17 @@ def run(cfg: Config, ctx):
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(local)))
     with ctx.phase("prepare"):
         with ctx.main_process_first():
-            splits = objective_cls.read(cfg, ctx.seed, where)
+            streaming = cfg.data.streaming
+            splits = (objective_cls.read_stream if streaming else objective_cls.read)(cfg, ctx.seed, where)
             preprocessor = objective_cls.load_preprocessor(cfg, splits.train, ctx.resolve, where)
             objective = objective_cls(options, preprocessor, cfg.max_length, ctx.seed)
-            train_data = objective.prepare(splits.train)
+            if streaming:   # nothing read yet: DataLoader workers tokenize, pack and collate as training goes
+                from lmssl.data.streaming import TextStream
+
+                train_data = TextStream(splits.train, objective.packing(), objective.tokenizer, objective.collate,
+                                        cfg.data.column, cfg.documents, cfg.data.max_chars, cfg.data.shuffle_buffer)
+            else:
+                train_data = objective.prepare(splits.train)
             eval_data = objective.prepare(splits.eval) if splits.eval is not None else None
         model = objective.build_model(cfg.model)
         objective.check_model(model, where)
@@ -162,8 +179,10 @@ def run(cfg: Config, ctx):
                    report_to=ctx.report_to, on_save=push_checkpoint if ctx.on_save is not None else None)
     ctx.add_phases(result.seconds)
     n_params = sum(p.numel() for p in model.parameters())
+    seen = result.steps * ctx.gradient_accumulation_steps * cfg.batch_size * ctx.accelerator.num_processes
     metrics = dict(result.metrics, **splits.metrics, steps=result.steps, parameters=n_params,
-                   train_examples=len(train_data), eval_examples=len(eval_data) if eval_data is not None else 0)
+                   train_examples=seen if streaming else len(train_data),
+                   eval_examples=len(eval_data) if eval_data is not None else 0)
     shown = {f"eval/{name}" for name in objective.headline} | {"steps", "train/tokens_per_s", "train/images_per_s",
                                                                "train/flops_per_s", "train/mfu"}
     with ctx.phase("save"):
