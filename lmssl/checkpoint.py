@@ -1,6 +1,7 @@
 """Resumable training checkpoints: atomic writes, checksummed manifests, latest-valid lookup.
 
-A checkpoint is a folder `step-00000123/` holding the model (safetensors), optimizer, scheduler
+A checkpoint is a folder `step-00000123/` holding the model (safetensors; under FSDP a dcp/ folder of
+torch.distributed.checkpoint shards, one per process, with the optimizer's), optimizer, scheduler
 and grad-scaler state (torch tensors, read back with weights_only=True), every process's RNG
 state (JSON), the loop's position (JSON) and, when streaming, every process's position in its
 stream (JSON). It is written under a temporary name and renamed only when complete, with a
@@ -59,10 +60,39 @@ def latest_valid(root: Path, log=print) -> Optional[Path]:
     return None
 
 
+SHARDS = "dcp"  # the torch.distributed.checkpoint folder of a sharded checkpoint
+
+
+def sharded(accelerator, checkpoint_format: str = "auto") -> bool:
+    """Whether checkpoints go through torch.distributed.checkpoint: asked for, or (auto) the weights are sharded
+    (FSDP), where no process holds them whole. A single process always writes safetensors."""
+    from accelerate.utils import DistributedType
+
+    if checkpoint_format == "auto":
+        return accelerator.distributed_type == DistributedType.FSDP
+    return checkpoint_format == "dcp" and accelerator.num_processes > 1
+
+
+def _dcp_state(model, optimizer) -> dict[str, Any]:
+    """Model and optimizer state as torch.distributed.checkpoint sees them: each process's own shards (FSDP)
+    or replicated tensors (DDP), keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def save(accelerator, root: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-         loop_state: dict[str, Any], keep: int, data_state: Optional[dict[str, Any]] = None) -> Path:
+         loop_state: dict[str, Any], keep: int, data_state: Optional[dict[str, Any]] = None,
+         checkpoint_format: str = "auto") -> Path:
     """Write checkpoint `step` atomically on every process; keep the newest `keep` checkpoints.
-    `data_state`: this process's own data position (a stream's), written by each process as data-<rank>.json."""
+    `data_state`: this process's own data position (a stream's), written by each process as data-<rank>.json.
+    Sharded (see `sharded`): model and optimizer go to dcp/, every process writing its shard; the manifest
+    and the rename still happen once, on the main process, after every shard is written."""
     root = Path(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -77,17 +107,21 @@ def save(accelerator, root: Path, step: int, model: torch.nn.Module, optimizer, 
         (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
         if data_state is not None:
             (tmp / f"data-{rank}.json").write_text(json.dumps(data_state))
-        state_dict_model = accelerator.unwrap_model(model)
-        if main:
-            save_model(state_dict_model, str(tmp / "model.safetensors"))
+        if sharded(accelerator, checkpoint_format):
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / SHARDS))   # a collective: every rank
+        elif main:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if getattr(accelerator, "scaler", None) is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / "loop.json").write_text(json.dumps(dict(loop_state, step=step, world=accelerator.num_processes)))
         accelerator.wait_for_everyone()
         if main:
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -114,9 +148,18 @@ def load(accelerator, folder: Path, model: torch.nn.Module, optimizer, scheduler
             f"checkpoint {folder} was written by {loop_state['world']} processes and this run has "
             f"{accelerator.num_processes}; resume with the same number of processes (or --force the stage)"
         )
-    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors rejects "cpu:0"
-    load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"), device=device)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    if (folder / SHARDS).is_dir():       # each process reads its own shards back (any process count would do)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = _dcp_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(folder / SHARDS))
+        set_state_dict(model, getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+    else:
+        device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors: no "cpu:0"
+        load_model(accelerator.unwrap_model(model), str(folder / "model.safetensors"), device=device)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
     if (folder / "scaler.pt").exists() and getattr(accelerator, "scaler", None) is not None:
         accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))

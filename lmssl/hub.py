@@ -64,14 +64,27 @@ def save_model(accelerator, model, folder: Path, preprocessor=None,
     only; `extra(folder)` then writes anything else the folder should hold, on the main process too."""
     folder = Path(folder)
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    whole = _gathered_state(unwrapped)     # a collective under FSDP: every process takes part
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder, safe_serialization=True)
+        unwrapped.save_pretrained(folder, safe_serialization=True, **({"state_dict": whole} if whole else {}))
         if preprocessor is not None:
             preprocessor.save_pretrained(folder)
         if extra is not None:
             extra(folder)
     accelerator.wait_for_everyone()
+
+
+def _gathered_state(model) -> Optional[dict]:
+    """Under FSDP2 (parameters are DTensor shards) the whole weights, gathered to the CPU, so one safetensors
+    folder holds them all; None when every process holds them whole already."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _results_table(metrics: dict[str, Any]) -> str:

@@ -234,6 +234,9 @@ class TrainingConfig(StageConfig):
     shapes; evaluation runs the eager module, so it never recompiles."""
     num_workers: Annotated[int, Range(0, 256)] = 0
     """DataLoader worker processes (0 collates in the training process; fine for tokenized text)."""
+    checkpoint_format: Literal["auto", "safetensors", "dcp"] = "auto"
+    """Training checkpoints: safetensors written by the main process, or torch.distributed.checkpoint (dcp),
+    each process writing its own shard; auto takes dcp under FSDP (sharded weights) and safetensors otherwise."""
     defaults: Literal["lmssl", "trainer"] = "lmssl"
     """The defaults of the optimization fields left unset: lmssl's (above, each with its reason) or the HF
     Trainer's (TrainingArguments: lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay, no warmup, linear decay

@@ -178,6 +178,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
     accelerator.gradient_accumulation_steps = accumulation
     seed_all(seed)
     module = objective.training_module(model)
+    if getattr(module, "_no_split_modules", None) is None and getattr(model, "_no_split_modules", None):
+        module._no_split_modules = list(model._no_split_modules)   # FSDP wraps these blocks; a head wrapper has none
     # fused: one kernel per step on CUDA and CPU, and the only AdamW that skips a non-finite step on the
     # device (found_inf) instead of reading a flag back to the host
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.learning_rate,
@@ -346,7 +348,8 @@ def train(objective, model: torch.nn.Module, train_data, eval_data, cfg, acceler
                 begun = time.perf_counter()
                 read_counters()
                 checkpoint.save(accelerator, ckpt_dir, step, module, optimizer, scheduler, loop_state(),
-                                cfg.keep_checkpoints, data_state=stream_state)
+                                cfg.keep_checkpoints, data_state=stream_state,
+                                checkpoint_format=getattr(cfg, "checkpoint_format", "auto"))
                 if on_save is not None and not stop_now:
                     on_save(step, model)
                 clock["save"] += time.perf_counter() - begun

@@ -178,6 +178,7 @@ stages:
     log_every: 5
     save_every: 5
     num_workers: 2
+    checkpoint_format: dcp
 """
 
 
@@ -196,7 +197,9 @@ def _launch(recipe: Path, run_dir: Path, port: int):
 def test_killed_two_process_streaming_run_resumes_to_the_uninterrupted_weights(tmp_path):
     """Two processes, each with two DataLoader workers reading one of its two books (four books split by
     split_dataset_by_node), killed with SIGKILL after its first checkpoint and run again: the final weights
-    equal those of the uninterrupted run bit for bit, and the data states were what it resumed from."""
+    equal those of the uninterrupted run bit for bit, and the data states were what it resumed from. The
+    checkpoints go through torch.distributed.checkpoint (checkpoint_format: dcp, as FSDP's do): every rank
+    writes its shard, the manifest covers them."""
     import shutil
 
     import psutil
@@ -223,6 +226,10 @@ def test_killed_two_process_streaming_run_resumes_to_the_uninterrupted_weights(t
     psutil.wait_procs(tree, timeout=30)
     assert not (run_dir / "pre").exists(), "the run finished before it could be killed"
     newest = sorted(run_dir.glob(".partial/pre-*/checkpoints/step-*"))[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())["files"]
+    shards = sorted(p.name for p in (newest / "dcp").glob("*.distcp"))
+    assert len(shards) == 2 and all(f"dcp/{name}" in manifest for name in shards)
+    assert "model.safetensors" not in manifest and "dcp/.metadata" in manifest
     for rank in (0, 1):
         saved = json.loads((newest / f"data-{rank}.json").read_text())
         assert saved["workers"] == 2 and all(s is not None and s["next_g"] > 0 for s in saved["streams"])

@@ -78,7 +78,12 @@ class SparseHeadMLM(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.head = model.cls if hasattr(model, "cls") else model.lm_head
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """The model's own vocabulary head, looked up, not registered a second time: one name per weight in a
+        state dict (torch.distributed.checkpoint keys shards by name)."""
+        return self.model.cls if hasattr(self.model, "cls") else self.model.lm_head
 
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
         encoder = self.model.base_model
