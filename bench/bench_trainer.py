@@ -132,17 +132,27 @@ def bench(kind: str, lines: list[str], args, tmp: Path) -> list[tuple[str, float
         blocks = trainer_blocks.remove_columns([c for c in trainer_blocks.column_names if c != "input_ids"])
         objective = CausalLM(Options(), tokenizer, args.length)
     config = build_config(ModelConfig(family=family, size=args.size), tokenizer, args.length)
+    # the Trainer's model as its example script makes it: run_clm's GPT2Config (`--model_type gpt2
+    # --config_overrides`) has GPT-2's defaults, so its GELU is gelu_new; lmssl's preset is the same shape
+    # with the same GELU computed by one fused kernel (gelu_pytorch_tanh). MLM: one config for both.
+    trainer_config = config
+    if kind == "causal":
+        import transformers
 
-    def fresh():
+        trainer_config = transformers.GPT2Config(**{k: v for k, v in config.to_dict().items()
+                                                    if k not in ("activation_function", "transformers_version")})
+
+    def fresh(trainer: bool = False):
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
         torch.manual_seed(0)
-        return (AutoModelForMaskedLM if kind == "mlm" else AutoModelForCausalLM).from_config(config)
+        return (AutoModelForMaskedLM if kind == "mlm" else AutoModelForCausalLM).from_config(
+            trainer_config if trainer else config)
 
     rows = []
     for compiled in ([False, True] if args.compile else [False]):
         tag = " + compile" if compiled else ""
-        rows.append((f"HF Trainer{tag}", trainer_run(kind, fresh(), trainer_blocks, tokenizer, args,
+        rows.append((f"HF Trainer{tag}", trainer_run(kind, fresh(trainer=True), trainer_blocks, tokenizer, args,
                                                       tmp / f"trainer-{kind}-{compiled}", compiled)))
         rows.append((f"lmssl{tag}", lmssl_run(objective, fresh(), blocks, args, tmp / f"lmssl-{kind}-{compiled}",
                                               compiled)))

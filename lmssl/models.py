@@ -198,10 +198,12 @@ def build_config(cfg: ModelConfig, tokenizer, max_positions: int):
         if cfg.dropout is not None:
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
     elif cfg.family == "gpt2":
+        # gelu_pytorch_tanh: GPT-2's own tanh-approximated GELU (gelu_new), computed by one fused PyTorch kernel
+        # instead of five elementwise passes (10% of a small model's CPU step)
         config = GPT2Config(
             n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], n_inner=s["intermediate"],
             n_positions=max_positions, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            **common,
+            activation_function="gelu_pytorch_tanh", **common,
         )
         if cfg.dropout is not None:
             config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = cfg.dropout

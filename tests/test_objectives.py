@@ -308,3 +308,31 @@ def test_sparse_pretraining_heads_equal_bert_for_pretraining_loss(wordpiece, doc
                       next_sentence_label=batch["pair_label"]).loss
     assert torch.allclose(ours, reference, atol=1e-5)
     assert set(stats) == set(objective.stat_names) and stats[f"{name[-3:]}_accuracy"][1] == 8
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_fused_head_cross_entropy_matches_autograd_on_full_logits(chunk):
+    """LinearCrossEntropy (chunks of the vocabulary head scored and differentiated at once) against
+    F.cross_entropy on all logits: the same summed loss, correct count and gradients of hidden and weight,
+    with unscored (-100) rows contributing nothing."""
+    import torch.nn.functional as F
+
+    from lmssl.objectives.causal_lm import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(97, (50,), generator=g)
+    targets[[3, 17, 49]] = -100
+    total, correct = LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    (2.5 * total).backward()
+    fused = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.T
+    expected = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    (2.5 * expected).backward()
+    assert torch.allclose(total.double(), expected, rtol=1e-6)
+    keep = targets != -100
+    assert int(correct) == int(((logits.argmax(-1) == targets) & keep).sum()) > 0
+    assert torch.allclose(fused[0], hidden.grad, atol=1e-5) and torch.allclose(fused[1], weight.grad, atol=1e-5)
+    assert fused[0][~keep].abs().max() == 0              # an unscored row gets no gradient

@@ -34,9 +34,56 @@ def document_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return index - start
 
 
+# Rows of the vocabulary head computed at once by the fused head + cross-entropy: a chunk's logits
+# (rows x vocab, fp32) stay small enough to live in cache instead of one (batch*seq, vocab) tensor in memory.
+HEAD_CHUNK = 128
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T, targets) summed over rows whose target is not -100, and the count of
+    correct argmaxes, without ever holding all logits: each chunk's logits are made, scored and turned into
+    the gradients of hidden and weight at once (d loss / d logits = softmax - one-hot), then dropped. The
+    matmuls are the ones autograd would run; the full-size logits, their softmax and its backward are not."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        n_rows = hidden.shape[0]
+        grads = hidden.requires_grad or weight.requires_grad
+        w = weight.to(hidden.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        for start in range(0, n_rows, chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            scored = t != -100
+            safe = torch.where(scored, t, 0)
+            logits = (h @ w.T).float()                                        # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(scored, lse - picked, 0.0).sum()
+            correct += ((logits.argmax(-1) == t) & scored).sum()
+            if grads:
+                probs = logits.sub_(lse[:, None]).exp_()                      # softmax, in place of the logits
+                probs.scatter_add_(1, safe[:, None], -scored[:, None].float())
+                probs.mul_(scored[:, None])                                   # unscored rows give no gradient
+                g = probs.to(h.dtype)
+                grad_hidden[start:start + chunk] = g @ w
+                grad_weight.addmm_(g.T.float(), h.float())                    # no copies in fp32
+        if grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_correct):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None
+
+
 class ShiftedCausalLM(torch.nn.Module):
-    """Runs the decoder without `labels` and the vocabulary head only on positions that have a
-    real next token, so no head compute goes to padding."""
+    """Runs the decoder without `labels`, then the vocabulary head and the shifted cross-entropy fused and in
+    chunks (LinearCrossEntropy), on every position with a real next token; padding is masked on the device
+    (no boolean indexing, which would read the mask back to the host), so no head compute goes to it either."""
 
     def __init__(self, model):
         super().__init__()
@@ -47,11 +94,17 @@ class ShiftedCausalLM(torch.nn.Module):
         # passed; that (and no cache) lets transformers read packed documents from restarting position ids.
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
-        has_next = attention_mask[:, 1:].bool()                             # (batch, seq-1)
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][has_next])  # (n_targets, vocab)
-        targets = input_ids[:, 1:][has_next]                                # (n_targets,)
-        loss = F.cross_entropy(logits.float(), targets)
-        return loss, (logits.argmax(-1) == targets).sum(), targets.numel()
+        targets = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], -100).reshape(-1)   # (batch*(seq-1),)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings()
+        count = (targets != -100).sum()
+        if getattr(head, "bias", None) is None:
+            total, correct = LinearCrossEntropy.apply(hidden, head.weight, targets, HEAD_CHUNK)
+        else:                                                                # a head with a bias: the plain way
+            logits = head(hidden).float()
+            total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+            correct = ((logits.argmax(-1) == targets) & (targets != -100)).sum()
+        return total / count.clamp(min=1), correct, count
 
 
 class CausalLM(TextObjective):
@@ -100,6 +153,5 @@ class CausalLM(TextObjective):
         return ShiftedCausalLM(model)
 
     def loss(self, module, batch):
-        loss, correct, count = module(**batch)
-        n = float(count)
-        return loss, {"loss": (loss.detach() * n, n), "accuracy": (correct, n)}
+        loss, correct, count = module(**batch)      # all device tensors: nothing is read back here
+        return loss, {"loss": (loss.detach() * count, count), "accuracy": (correct, count)}
