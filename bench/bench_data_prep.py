@@ -54,10 +54,11 @@ def peak_rss(stop: threading.Event, out: list) -> None:
 
 def child(way: str, lines_dir: str, tok_dir: str, block: int) -> None:
     """One preparation, timed, in this (fresh) process; prints a JSON line."""
-    import datasets
-    from transformers import AutoTokenizer
-
     import shutil
+
+    import datasets
+    import torch  # noqa: F401  (imported by both ways before the clock, as run_clm.py and lmssl import it to train)
+    from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
     own = Path(os.environ["HF_DATASETS_CACHE"]) / "lines"     # a private copy: map caches land beside it
@@ -73,7 +74,7 @@ def child(way: str, lines_dir: str, tok_dir: str, block: int) -> None:
         from lmssl.objectives.causal_lm import CausalLM, Options
 
         blocks = CausalLM(Options(), tokenizer, block).prepare(to_documents(lines, "text", "blank_lines"))
-        tokens = sum(len(ids) for ids in blocks["input_ids"])
+        tokens = None                                 # counted after the clock stops (reading them costs time)
     else:
         from itertools import chain
 
@@ -93,6 +94,10 @@ def child(way: str, lines_dir: str, tok_dir: str, block: int) -> None:
     seconds = time.perf_counter() - started
     stop.set()
     sampler.join()
+    if tokens is None:
+        import pyarrow.compute as pc
+
+        tokens = int(pc.sum(pc.list_value_length(blocks.data.column("input_ids"))).as_py())
     print(json.dumps({"way": way, "seconds": seconds, "peak_mb": peak[0] / 2**20, "blocks": len(blocks),
                       "tokens": tokens}))
 

@@ -55,3 +55,20 @@ def test_prepared_blocks_are_read_back_on_a_second_run_not_recomputed(tokenizer,
     assert [f["filename"] for f in again.cache_files] == [f["filename"] for f in first.cache_files]
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("cache-*.arrow")} == made   # nothing written
     assert again["input_ids"] == first["input_ids"]
+
+
+def test_the_backend_fast_path_gives_the_ids_of_the_tokenizer_call(tokenizer):
+    """Packing.encode skips the transformers wrapper (encode_batch_fast on the backend) when the backend neither
+    truncates nor pads; the ids must be exactly those of tokenizer(texts), EOS appended, on real lines."""
+    from lmssl.data.packing import Packing
+
+    texts = [t for t in _lines(None, limit=3000)["text"] if t.strip()]
+    spec = Packing(64, append=(tokenizer.eos_token_id,))
+    fast = [ids for ids, _ in spec.encode(tokenizer, texts)]
+    slow = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert fast == slow and len(fast) > 1000
+    tokenizer.backend_tokenizer.enable_truncation(8)      # a backend that truncates: the wrapper's path, untruncated
+    try:
+        assert [ids for ids, _ in spec.encode(tokenizer, texts[:50])] == slow[:50]
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()

@@ -110,15 +110,39 @@ class Packing:
     append: tuple[int, ...] = ()
     word_starts: bool = False
 
-    def prepare(self, dataset, tokenizer, column: str = "text"):
-        """Documents (a Dataset) into packed blocks, once, cached by fingerprint."""
-        ids = tokenize_column(dataset, tokenizer, column, with_word_starts=self.word_starts, append=list(self.append))
-        return pack_blocks(ids, self.content_length, list(self.separator), list(self.prefix), list(self.suffix))
+    def prepare(self, dataset, tokenizer, column: str = "text", desc: str = "tokenizing and packing"):
+        """Documents (a Dataset) into packed blocks in one batched map, cached by fingerprint: each batch of
+        DOCS_PER_GROUP documents is tokenized (the fast tokenizer spreads a batch over the CPUs' threads, in this
+        process) and packed at once, so no table of token ids is written and read back, and no worker process
+        holds its own copy of the tokenizer and batches. Ids are stored as uint16 when the vocabulary fits."""
+        import datasets
+
+        wide = len(tokenizer) > 65_536
+        features = datasets.Features({
+            "input_ids": datasets.Sequence(datasets.Value("int32" if wide else "uint16")),
+            **({"word_starts": datasets.Sequence(datasets.Value("int8"))} if self.word_starts else {})})
+
+        def encode_and_pack(batch):
+            texts = [t for t in batch[column] if t and t.strip()]
+            packer, blocks = BlockPacker(self), []
+            for ids, starts in (self.encode(tokenizer, texts) if texts else []):
+                blocks += packer.add(ids, starts)
+            blocks += packer.flush()
+            return {name: [b[name] for b in blocks] for name in features}
+
+        return dataset.map(encode_and_pack, batched=True, batch_size=DOCS_PER_GROUP, features=features, writer_batch_size=200,
+                           remove_columns=dataset.column_names, desc=desc)
 
     def encode(self, tokenizer, texts: list[str]) -> list[tuple[list[int], Optional[list[int]]]]:
-        """(ids, word starts or None) per document, as tokenize_column makes them."""
-        enc = tokenizer(texts, add_special_tokens=False)
+        """(ids, word starts or None) per document, as tokenize_column makes them. Without word starts a fast
+        tokenizer's backend encodes the batch directly (encode_batch_fast: no offsets, no BatchEncoding), which
+        gives the same ids when the backend neither truncates nor pads (as the wrapper sets it for this call)."""
         tail = list(self.append)
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if not self.word_starts and backend is not None and backend.truncation is None and backend.padding is None:
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [(e.ids + tail, None) for e in encode(texts, add_special_tokens=False)]
+        enc = tokenizer(texts, add_special_tokens=False)
         return [(ids + tail, word_starts_of(enc, i) + [1] * len(tail) if self.word_starts else None)
                 for i, ids in enumerate(enc["input_ids"])]
 
