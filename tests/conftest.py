@@ -23,6 +23,16 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    """A port nobody listens on now, picked by the OS, for a launched run's main process: pytest workers launch
+    runs side by side, so fixed or pid-derived ports collide."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def data_root() -> Path:
     return Path(os.environ.get("LMSSL_DATA_DIR", REPO.parent / "shared" / "data"))
 

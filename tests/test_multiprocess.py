@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = """\
@@ -45,7 +47,7 @@ def _env():
     return env
 
 
-_PORTS = iter(range(29500 + os.getpid() % 500 * 4, 65000))
+_PORTS = (free_port() for _ in iter(int, 1))   # a fresh free port per launch, forever
 
 
 def _launch(recipe: Path, run_dir: Path, processes: int):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import shared_file
+from conftest import free_port, shared_file
 from test_objectives import train_tokenizer, wikitext_lines
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,21 +207,27 @@ def test_killed_two_process_streaming_run_resumes_to_the_uninterrupted_weights(t
     books = json.dumps(_books("blake-poems", "carroll-alice", "shakespeare-caesar", "shakespeare-macbeth"))
     recipe = tmp_path / "stream.yaml"
     recipe.write_text(RECIPE.replace("BOOKS", books))
-    port = 29500 + os.getpid() % 500 * 4 + 2
-    whole = subprocess.run(_launch(recipe, tmp_path / "whole", port), capture_output=True, text=True, env=_env(),
-                           cwd=tmp_path, timeout=600)
+    whole = subprocess.run(_launch(recipe, tmp_path / "whole", free_port()), capture_output=True, text=True,
+                           env=_env(), cwd=tmp_path, timeout=600)
     assert whole.returncode == 0, whole.stderr[-4000:]
     run_dir = tmp_path / "killed"
     shutil.copytree(tmp_path / "whole" / "tok", run_dir / "tok")   # tokenizer trainers differ between processes
-    proc = subprocess.Popen(_launch(recipe, run_dir, port + 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), cwd=tmp_path, start_new_session=True)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(_launch(recipe, run_dir, free_port()), stdout=sink, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=tmp_path, start_new_session=True)
     deadline = time.time() + 300
     while proc.poll() is None and not list(run_dir.glob(".partial/pre-*/checkpoints/step-*")):
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        p.send_signal(signal.SIGKILL)
+    assert proc.poll() is None, "the run ended before it could be killed: " + log.read_text()[-3000:]
+    launcher = psutil.Process(proc.pid)
+    tree = [launcher, *launcher.children(recursive=True)]
+    for p in tree:                       # the launcher, both ranks and their DataLoader workers
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:     # a worker that ended on its own meanwhile
+            pass
     proc.wait()
     psutil.wait_procs(tree, timeout=30)
     assert not (run_dir / "pre").exists(), "the run finished before it could be killed"
@@ -233,7 +239,7 @@ def test_killed_two_process_streaming_run_resumes_to_the_uninterrupted_weights(t
     for rank in (0, 1):
         saved = json.loads((newest / f"data-{rank}.json").read_text())
         assert saved["workers"] == 2 and all(s is not None and s["next_g"] > 0 for s in saved["streams"])
-    again = subprocess.run(_launch(recipe, run_dir, port + 2), capture_output=True, text=True, env=_env(),
+    again = subprocess.run(_launch(recipe, run_dir, free_port()), capture_output=True, text=True, env=_env(),
                            cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resuming from {newest.name}" in again.stdout + again.stderr
