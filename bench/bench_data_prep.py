@@ -65,14 +65,14 @@ def child(way: str, lines_dir: str, tok_dir: str, block: int) -> None:
     shutil.copytree(lines_dir, own)
     lines = datasets.load_from_disk(str(own))
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if way == "lmssl":                                # code is imported before the clock on both sides
+        from lmssl.data.text import to_documents
+        from lmssl.objectives.causal_lm import CausalLM, Options
     peak, stop = [0], threading.Event()
     sampler = threading.Thread(target=peak_rss, args=(stop, peak), daemon=True)
     sampler.start()
     started = time.perf_counter()
     if way == "lmssl":
-        from lmssl.data.text import to_documents
-        from lmssl.objectives.causal_lm import CausalLM, Options
-
         blocks = CausalLM(Options(), tokenizer, block).prepare(to_documents(lines, "text", "blank_lines"))
         tokens = None                                 # counted after the clock stops (reading them costs time)
     else:

@@ -336,3 +336,17 @@ def test_fused_head_cross_entropy_matches_autograd_on_full_logits(chunk):
     assert int(correct) == int(((logits.argmax(-1) == targets) & keep).sum()) > 0
     assert torch.allclose(fused[0], hidden.grad, atol=1e-5) and torch.allclose(fused[1], weight.grad, atol=1e-5)
     assert fused[0][~keep].abs().max() == 0              # an unscored row gets no gradient
+
+
+def test_masked_rows_by_host_positions_equal_the_boolean_selection():
+    """The collator's flat masked_positions pick the same hidden rows and labels, in the same order, as the
+    boolean mask labels != -100 (which would need the device's count of masked tokens)."""
+    from lmssl.objectives.mlm import masked_rows
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 7, 5, generator=g)
+    labels = torch.where(torch.rand(3, 7, generator=g) < 0.3, torch.randint(50, (3, 7), generator=g), -100)
+    positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+    by_positions, by_mask = masked_rows(hidden, labels, positions), masked_rows(hidden, labels)
+    assert positions.numel() > 0
+    assert torch.equal(by_positions[0], by_mask[0]) and torch.equal(by_positions[1], by_mask[1])

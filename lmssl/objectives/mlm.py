@@ -85,16 +85,26 @@ class SparseHeadMLM(torch.nn.Module):
         state dict (torch.distributed.checkpoint keys shards by name)."""
         return self.model.cls if hasattr(self.model, "cls") else self.model.lm_head
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, labels, masked_positions=None, token_type_ids=None):
         encoder = self.model.base_model
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        selected = labels != -100                                   # (batch, seq)
-        logits = self.head(hidden[selected])                       # (n_masked, vocab)
-        targets = labels[selected]                                  # (n_masked,)
+        hidden, targets = masked_rows(hidden, labels, masked_positions)   # (n_masked, hidden), (n_masked,)
+        logits = self.head(hidden)                                  # (n_masked, vocab)
         loss = F.cross_entropy(logits.float(), targets)
         correct = (logits.argmax(-1) == targets).sum()
         return loss, correct, targets.numel()
+
+
+def masked_rows(hidden: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None):
+    """(hidden states, labels) of the masked tokens. `positions`, the flat indices of labels != -100, comes
+    from the collator, which drew the masks on the host: selecting by it needs no read of the device (a
+    boolean mask would: its count decides the shape). Without it, the boolean selection."""
+    if positions is None:
+        selected = labels != -100
+        return hidden[selected], labels[selected]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat.index_select(0, positions), labels.reshape(-1).index_select(0, positions)
 
 
 def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -147,7 +157,8 @@ class MaskedLM(TextObjective):
         starts = pad_rows([e["word_starts"] for e in examples], 1) if self.options.whole_word else None
         inputs, labels = mask_tokens(input_ids, maskable, self.options, self.tokenizer.mask_token_id,
                                      len(self.tokenizer), starts)
-        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels,
+                 "masked_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1)}   # on the host, here
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = pad_rows([e["token_type_ids"] for e in examples], 0)
         return batch

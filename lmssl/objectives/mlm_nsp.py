@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lmssl.data.pairs import build_pair_dataset, tokenize_sentences
 from lmssl.errors import RecipeError
 from lmssl.models import build_config
-from lmssl.objectives.mlm import MaskedLM
+from lmssl.objectives.mlm import MaskedLM, masked_rows
 from lmssl.objectives.mlm import Options as MaskOptions
 from lmssl.schema import Range
 
@@ -33,11 +33,10 @@ class PreTrainingHeads(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, pair_label):
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, pair_label, masked_positions=None):
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        selected = labels != -100                                           # (batch, seq)
-        logits = self.model.cls.predictions(out.last_hidden_state[selected])  # (n_masked, vocab)
-        targets = labels[selected]                                          # (n_masked,)
+        hidden, targets = masked_rows(out.last_hidden_state, labels, masked_positions)  # masked tokens only
+        logits = self.model.cls.predictions(hidden)                         # (n_masked, vocab)
         mlm_loss = F.cross_entropy(logits.float(), targets)
         pair_logits = self.model.cls.seq_relationship(out.pooler_output)    # (batch, 2)
         pair_loss = F.cross_entropy(pair_logits.float(), pair_label)
