@@ -248,3 +248,32 @@ def test_killed_two_process_streaming_run_resumes_to_the_uninterrupted_weights(t
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), f"{name} differs after kill/resume"
+
+
+@pytest.mark.parametrize("documents", ["blank_lines", "rows"])
+def test_processes_split_a_one_file_stream_into_disjoint_parts_that_cover_it(tokenizer, documents):
+    """One file cannot be split by shards: documents are then dealt out whole, one in two per process (a split
+    by rows would cut line documents, and would hand one process all of WikiText's blank lines). The two parts
+    are disjoint, as large, and together hold every document of the single-process stream."""
+    from collections import Counter
+
+    from lmssl.data.streaming import DocumentReader, open_source
+    from lmssl.objectives.mlm import MaskedLM, Options
+    from lmssl.recipe import DataConfig
+
+    data = DataConfig(path="text", files={"train": str(shared_file("wikitext-2/valid.txt.xz"))}, max_samples=4000)
+    packing = MaskedLM(Options(), tokenizer, 64).packing()
+    source = open_source(data, "stages.pre")
+
+    def documents_of(rank, world):
+        reader = DocumentReader(source, rank, world, packing, tokenizer, "text", documents, 1_000_000)
+        docs, ended = [], False
+        while not ended:
+            chunk, ended = reader._documents(64)
+            docs += chunk
+        return docs
+
+    whole, parts = documents_of(0, 1), [documents_of(r, 2) for r in (0, 1)]
+    assert len(whole) > 100 and all(len(p) >= len(whole) // 2 - 1 for p in parts)
+    assert Counter(parts[0]) + Counter(parts[1]) == Counter(whole)
+    assert parts[0] == whole[0::2] and parts[1] == whole[1::2]

@@ -1,10 +1,10 @@
 """Streaming pretraining: documents read from an iterable `datasets` source, tokenized, packed, shuffled in
 windows and collated on the fly, in DataLoader workers; nothing is prepared or written first.
 
-Who reads what. The source is split over processes with `datasets.distributed.split_dataset_by_node` (whole
-shards when their number divides by the processes, else every world-th row; documents made of lines between
-blank lines are then split by document instead, so none is cut), and each DataLoader worker of a process gets
-its shards from `datasets` (shard w, w + workers, ...). Worker w makes the process's micro-batches
+Who reads what. When the source's shards divide by the processes, it is split over them with
+`datasets.distributed.split_dataset_by_node` (whole shards each); otherwise every process reads it all and keeps
+every world-th document (cleaned rows, or runs of lines), so no document is cut and none is blank. Each
+DataLoader worker of a process gets its shards from `datasets` (shard w, w + workers, ...). Worker w makes the process's micro-batches
 g = w, w + workers, ...; `ordered()` hands them to the loop in g order whatever order they arrive in.
 
 Exact resume without replay. Every batch carries the state its worker was in after making it: the source's
@@ -59,8 +59,10 @@ class DocumentReader:
         self.source, self.rank, self.world = source, rank, world
         self.packing, self.tokenizer, self.column = packing, tokenizer, column
         self.blank_lines, self.max_chars = documents == "blank_lines", max_chars
-        # rows split by row would cut line-documents apart: split those by document when shards do not divide
-        self.by_document = self.blank_lines and world > 1 and source.num_shards % world != 0
+        # shards that do not divide by the processes: datasets would deal out rows, which cuts line-documents
+        # apart and can leave a process only blank rows (WikiText alternates text and blank lines), so every
+        # process reads the stream and keeps every world-th *document* instead
+        self.by_document = world > 1 and source.num_shards % world != 0
         self._split = split_dataset_by_node
         state = state or {}
         self.epoch: int = state.get("epoch", 0)
