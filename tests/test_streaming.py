@@ -277,3 +277,25 @@ def test_processes_split_a_one_file_stream_into_disjoint_parts_that_cover_it(tok
     assert len(whole) > 100 and all(len(p) >= len(whole) // 2 - 1 for p in parts)
     assert Counter(parts[0]) + Counter(parts[1]) == Counter(whole)
     assert parts[0] == whole[0::2] and parts[1] == whole[1::2]
+
+
+def test_a_stream_with_no_usable_text_is_a_clear_error_from_a_worker(tokenizer, tmp_path):
+    """The error is raised inside a DataLoader worker; the user sees its message, not the worker's traceback."""
+    import itertools
+
+    from lmssl.data.streaming import TextStream, open_source
+    from lmssl.errors import LmsslError
+    from lmssl.objectives.mlm import MaskedLM, Options
+    from lmssl.recipe import DataConfig
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n\t\n")
+    objective = MaskedLM(Options(), tokenizer, 32)
+    source = open_source(DataConfig(path="text", files={"train": str(blank)}), "stages.pre")
+    stream = TextStream(source, objective.packing(), tokenizer, objective.collate, "text", "rows", 1_000_000, 0)
+    batches, workers = stream.loader(4, 0, 1, 0, 0, 1, None, False, "stages.pre")
+    assert workers == 1
+    with pytest.raises(LmsslError) as caught:
+        list(itertools.islice(batches, 2))
+    assert str(caught.value).startswith("the streamed training data has no usable text for this process")
+    assert "Traceback" not in str(caught.value)

@@ -209,15 +209,21 @@ def ordered(batches, start: int) -> Iterator[dict[str, Any]]:
     begins at worker 0 whatever worker's batch is next, so a few (fewer than the workers) wait here."""
     held: dict[int, dict] = {}
     want = start
-    for batch in batches:
-        g = batch.pop("_g")
-        if g < want or g in held:   # a worker went back: it would train on its data twice
-            raise LmsslError(f"the data stream handed out micro-batch {g} again (expected {want} or later); "
-                             "its resume state does not match this run")
-        held[g] = batch
-        while want in held:
-            yield held.pop(want)
-            want += 1
+    try:
+        for batch in batches:
+            g = batch.pop("_g")
+            if g < want or g in held:   # a worker went back: it would train on its data twice
+                raise LmsslError(f"the data stream handed out micro-batch {g} again (expected {want} or later); "
+                                 "its resume state does not match this run")
+            held[g] = batch
+            while want in held:
+                yield held.pop(want)
+                want += 1
+    except LmsslError as err:
+        text = str(err)
+        if "Original Traceback" in text:    # raised in a DataLoader worker: the user's error, not its traceback
+            raise LmsslError(text.rsplit("LmsslError: ", 1)[-1].strip()) from None
+        raise
 
 
 class TextStream:
