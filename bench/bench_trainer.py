@@ -113,16 +113,14 @@ def bench(kind: str, lines: list[str], args, tmp: Path) -> list[tuple[str, float
 
     family = "bert" if kind == "mlm" else "gpt2"
     if kind == "mlm":
-        from lmssl.data.packing import pack_blocks, tokenize_column
+        import datasets
+
         from lmssl.objectives.mlm import MaskedLM, Options
 
         tokenizer = build_tokenizer(lines, tmp / f"tok-{kind}")
-        import datasets
-
-        ids = tokenize_column(datasets.Dataset.from_dict({"text": lines}), tokenizer, "text")
-        blocks = pack_blocks(ids, args.length - 2, [tokenizer.sep_token_id], [tokenizer.cls_token_id],
-                             [tokenizer.sep_token_id]).filter(lambda r: len(r["input_ids"]) == args.length)
         objective = MaskedLM(Options(mask_rate=0.15), tokenizer, args.length)
+        blocks = objective.prepare(datasets.Dataset.from_dict({"text": lines})).filter(
+            lambda r: len(r["input_ids"]) == args.length)
         trainer_blocks = blocks
     else:
         from lmssl.objectives.causal_lm import CausalLM, Options

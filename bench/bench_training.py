@@ -110,15 +110,13 @@ def main() -> None:
     import torch
 
     datasets.disable_progress_bars()
-    from lmssl.data.packing import pack_blocks, tokenize_column
+    from lmssl.objectives.mlm import MaskedLM, Options
 
     lines = [line for line in datasets.load_dataset("text", data_files=str(data_file()), split="train")["text"]
              if line.strip()][:20000]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(lines, Path(tmp) / "tok")
-        ids = tokenize_column(datasets.Dataset.from_dict({"text": lines}), tokenizer, "text")
-        blocks = pack_blocks(ids, args.length - 2, [tokenizer.sep_token_id], [tokenizer.cls_token_id],
-                             [tokenizer.sep_token_id])
+        blocks = MaskedLM(Options(), tokenizer, args.length).prepare(datasets.Dataset.from_dict({"text": lines}))
         blocks = blocks.filter(lambda r: len(r["input_ids"]) == args.length)
         ours = lmssl_run(tokenizer, blocks, args, Path(tmp) / "lmssl")
         plain = plain_run(tokenizer, blocks, args)

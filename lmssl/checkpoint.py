@@ -5,7 +5,8 @@ torch.distributed.checkpoint shards, one per process, with the optimizer's), opt
 and grad-scaler state (torch tensors, read back with weights_only=True), every process's RNG
 state (JSON), the loop's position (JSON) and, when streaming, every process's position in its
 stream (JSON). It is written under a temporary name and renamed only when complete, with a
-manifest of SHA-256 sums written last, so a folder without a valid manifest is never resumed from. Final models are not saved here (see hub.py).
+manifest of SHA-256 sums written last, so a folder without a valid manifest is never resumed from.
+Final models are not saved here (see hub.py).
 """
 
 from __future__ import annotations

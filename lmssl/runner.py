@@ -30,7 +30,7 @@ from lmssl.stages.base import StageContext, StageResult
 
 # Fields that change how a stage reports or checkpoints, not what it produces.
 NOT_FINGERPRINTED = {"log_every", "save_every", "keep_checkpoints", "num_workers", "eval_every", "push_to_hub",
-                     "compile", "checkpoint_format"}  # how a stage reports, checkpoints or runs its kernels, not what it computes
+                     "compile", "checkpoint_format"}
 
 
 def _folder_fingerprint(path: Path) -> str:

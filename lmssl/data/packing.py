@@ -1,7 +1,8 @@
 """Tokenize documents and pack them into fixed-length blocks, so no compute goes to padding.
 
-Documents are tokenized once (batched `datasets.map`, cached by fingerprint) and concatenated
-with a separator; blocks are cut from the stream and the last, shorter block is kept, not dropped.
+Documents are tokenized and joined with a separator in groups of DOCS_PER_GROUP; blocks are cut from
+each group's tokens and its last, shorter block is kept, not dropped. `Packing` says how (per objective),
+`BlockPacker` cuts, one document at a time, for the prepared (a cached `datasets.map`) and streamed paths.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-# Documents per packing group: pack_blocks packs each map batch of this many documents on its own (its
+# Documents per packing group: the prepared path packs each map batch of this many documents on its own (its
 # remainder kept as a shorter block), and the streaming packer flushes after as many, so both cut the same blocks.
 DOCS_PER_GROUP = 1000
 
@@ -62,40 +63,6 @@ def tokenize_column(dataset, tokenizer, column: str, desc: str = "tokenizing", w
                        num_proc=prep_processes(len(dataset)))
 
 
-def cut_blocks(stream: list[int], content_length: int) -> list[list[int]]:
-    """`stream` in consecutive pieces of content_length tokens; the last piece may be shorter."""
-    return [stream[i:i + content_length] for i in range(0, len(stream), content_length)]
-
-
-def pack_blocks(dataset, content_length: int, separator: list[int], prefix: list[int], suffix: list[int],
-                desc: str = "packing"):
-    """Concatenate token lists (separator between documents) into blocks of
-    prefix + content_length tokens + suffix. The remainder of each map batch is kept as a
-    shorter block rather than dropped. A `word_starts` column travels along (the first token of
-    every block starts a word, so no word is split between a block and its neighbour's mask)."""
-    with_words = "word_starts" in dataset.column_names
-
-    def pack(batch):
-        stream: list[int] = []
-        starts: list[int] = []
-        for j, ids in enumerate(batch["ids"]):
-            if not ids:
-                continue
-            if stream and separator:
-                stream.extend(separator)
-                starts.extend([1] * len(separator))
-            stream.extend(ids)
-            if with_words:
-                starts.extend(batch["word_starts"][j])
-        out = {"input_ids": [prefix + block + suffix for block in cut_blocks(stream, content_length)]}
-        if with_words:
-            edge_p, edge_s = [1] * len(prefix), [1] * len(suffix)
-            out["word_starts"] = [edge_p + [1] + block[1:] + edge_s for block in cut_blocks(starts, content_length)]
-        return out
-
-    return dataset.map(pack, batched=True, batch_size=DOCS_PER_GROUP, remove_columns=dataset.column_names, desc=desc)
-
-
 @dataclass(frozen=True)
 class Packing:
     """How a text objective turns documents into training blocks: `append` after every document's tokens
@@ -130,7 +97,7 @@ class Packing:
             blocks += packer.flush()
             return {name: [b[name] for b in blocks] for name in features}
 
-        return dataset.map(encode_and_pack, batched=True, batch_size=DOCS_PER_GROUP, features=features, writer_batch_size=200,
+        return dataset.map(encode_and_pack, batched=True, batch_size=DOCS_PER_GROUP, features=features,
                            remove_columns=dataset.column_names, desc=desc)
 
     def encode(self, tokenizer, texts: list[str]) -> list[tuple[list[int], Optional[list[int]]]]:
@@ -148,7 +115,7 @@ class Packing:
 
 
 class BlockPacker:
-    """pack_blocks one document at a time, for streams: blocks are cut as soon as content_length tokens are
+    """The packing rule, one document at a time: blocks are cut as soon as content_length tokens are
     there, a group of DOCS_PER_GROUP documents ends with its shorter remainder, and what is not cut yet (the
     carry-over) is part of `state()`, so a resumed stream continues mid-block."""
 

@@ -54,8 +54,6 @@ class DocumentReader:
 
     def __init__(self, source, rank: int, world: int, packing: Packing, tokenizer, column: str, documents: str,
                  max_chars: int, state: Optional[dict[str, Any]] = None):
-        from datasets.distributed import split_dataset_by_node
-
         self.source, self.rank, self.world = source, rank, world
         self.packing, self.tokenizer, self.column = packing, tokenizer, column
         self.blank_lines, self.max_chars = documents == "blank_lines", max_chars
@@ -63,7 +61,6 @@ class DocumentReader:
         # apart and can leave a process only blank rows (WikiText alternates text and blank lines), so every
         # process reads the stream and keeps every world-th *document* instead
         self.by_document = world > 1 and source.num_shards % world != 0
-        self._split = split_dataset_by_node
         state = state or {}
         self.epoch: int = state.get("epoch", 0)
         self.lines: list[str] = list(state.get("lines", []))          # the document being read (blank_lines)
@@ -74,7 +71,10 @@ class DocumentReader:
         self._open(state.get("source"))
 
     def _open(self, source_state: Optional[dict]) -> None:
-        part = self.source if self.by_document or self.world == 1 else self._split(self.source, self.rank, self.world)
+        from datasets.distributed import split_dataset_by_node
+
+        whole = self.by_document or self.world == 1
+        part = self.source if whole else split_dataset_by_node(self.source, self.rank, self.world)
         if source_state is not None:
             part.load_state_dict(source_state)
         self.part, self.rows = part, iter(part)
@@ -179,7 +179,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         g = state["next_g"] if state else worker
         window_index = state["window_index"] if state else 0
         skip = state["handed_out"] if state else 0
-        size = max(1, stream.shuffle_buffer)
+        size, stride = max(1, stream.shuffle_buffer), max(1, self.workers)   # stride: this worker's g step
         pending: list[dict] = []
         while True:
             start = reader.state()
@@ -197,9 +197,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
                     seed_all(key)                                   # masks drawn as the prepared path draws them
                     batch = stream.collate(pending)
                     batch.update(_key=key, _g=g, _state={"worker": worker, "window": start, "window_index": window_index,
-                                                         "handed_out": handed, "next_g": g + max(1, self.workers)})
+                                                         "handed_out": handed, "next_g": g + stride})
                     yield batch
-                    g += max(1, self.workers)
+                    g += stride
                     pending = []
             skip, window_index = 0, window_index + 1
 
