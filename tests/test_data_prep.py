@@ -72,3 +72,18 @@ def test_the_backend_fast_path_gives_the_ids_of_the_tokenizer_call(tokenizer):
         assert [ids for ids, _ in spec.encode(tokenizer, texts[:50])] == slow[:50]
     finally:
         tokenizer.backend_tokenizer.no_truncation()
+
+
+def test_block_packer_cuts_what_a_hand_concatenation_gives(monkeypatch):
+    """Documents joined by the separator, cut every content_length tokens, each block wrapped in prefix and
+    suffix, a group's remainder kept as a shorter block; a document without tokens adds no separator; the
+    group ends after DOCS_PER_GROUP documents (3 here), and the next group starts without a separator."""
+    import lmssl.data.packing as packing
+
+    monkeypatch.setattr(packing, "DOCS_PER_GROUP", 3)
+    spec = packing.Packing(4, separator=(0,), prefix=(101,), suffix=(102,))
+    packer = packing.BlockPacker(spec)
+    docs = [[1, 2, 3], [], [4, 5, 6, 7, 8], [9], [10, 11]]
+    blocks = [b["input_ids"] for d in docs for b in packer.add(d)] + [b["input_ids"] for b in packer.flush()]
+    # group 1: 1 2 3 0 4 5 6 7 8 -> [1 2 3 0] [4 5 6 7] [8]; group 2: 9 0 10 11 -> [9 0 10 11]
+    assert blocks == [[101, 1, 2, 3, 0, 102], [101, 4, 5, 6, 7, 102], [101, 8, 102], [101, 9, 0, 10, 11, 102]]
