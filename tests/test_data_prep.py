@@ -87,3 +87,43 @@ def test_block_packer_cuts_what_a_hand_concatenation_gives(monkeypatch):
     blocks = [b["input_ids"] for d in docs for b in packer.add(d)] + [b["input_ids"] for b in packer.flush()]
     # group 1: 1 2 3 0 4 5 6 7 8 -> [1 2 3 0] [4 5 6 7] [8]; group 2: 9 0 10 11 -> [9 0 10 11]
     assert blocks == [[101, 1, 2, 3, 0, 102], [101, 4, 5, 6, 7, 102], [101, 8, 102], [101, 9, 0, 10, 11, 102]]
+
+
+def test_prepare_stores_the_packer_blocks_as_compact_columns(tokenizer, monkeypatch):
+    """Packing.prepare hands each map batch's blocks to Arrow as flat arrays (blocks_table), tokenizing
+    ENCODE_DOCS documents per call: the rows must be exactly what BlockPacker cuts from the same documents,
+    group by group, word starts included, stored as uint16 ids and int8 starts."""
+    import lmssl.data.packing as packing
+    from lmssl.data.text import to_documents
+
+    monkeypatch.setattr(packing, "ENCODE_DOCS", 7)        # calls that do not divide a group
+    documents = to_documents(_lines(None, limit=12000), "text", "blank_lines")
+    spec = packing.Packing(62, separator=(3,), prefix=(2,), suffix=(3,), word_starts=True)
+    prepared = spec.prepare(documents, tokenizer)
+    assert prepared.features["input_ids"].feature.dtype == "uint16"
+    assert prepared.features["word_starts"].feature.dtype == "int8"
+    texts = [t for t in documents["text"] if t.strip()]
+    expected = []
+    for first in range(0, len(texts), packing.DOCS_PER_GROUP):
+        packer = packing.BlockPacker(spec)
+        for ids, starts in spec.encode(tokenizer, texts[first:first + packing.DOCS_PER_GROUP]):
+            expected += packer.add(ids, starts)
+        expected += packer.flush()
+    assert len(texts) > packing.DOCS_PER_GROUP and len(expected) > 100
+    assert prepared["input_ids"] == [b["input_ids"] for b in expected]
+    assert prepared["word_starts"] == [b["word_starts"] for b in expected]
+    assert {len(ids) for ids in prepared["input_ids"][:-1]} >= {64}
+
+
+def test_blocks_table_keeps_lengths_values_and_types(monkeypatch):
+    import lmssl.data.packing as packing
+
+    dtypes = {"input_ids": "int32", "word_starts": "int8"}
+    blocks = [{"input_ids": [70_000, 1, 2], "word_starts": [1, 0, 1]}, {"input_ids": [5], "word_starts": [1]}]
+    table = packing.blocks_table(blocks, dtypes)
+    assert table.to_pydict() == {"input_ids": [[70_000, 1, 2], [5]], "word_starts": [[1, 0, 1], [1]]}
+    assert str(table.schema.field("input_ids").type) == "list<item: int32>"
+    assert packing.blocks_table([], dtypes).num_rows == 0
+    packing.release_memory()                                # glibc here
+    monkeypatch.setattr(packing, "_libc_trim", lambda: None)
+    packing.release_memory()                                # no glibc (macOS, musl): Arrow's pool only
