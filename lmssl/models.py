@@ -257,3 +257,23 @@ def check_positions(cfg: ModelConfig, max_length: int, where: str) -> None:
     if limit is not None and max_length > limit:
         raise RecipeError(f"{where}: max_length {max_length} is beyond the {limit} positions of the model "
                           f"({origin}); lower max_length to {limit} or less")
+
+
+def encoder_mask(model, attention_mask: Optional[torch.Tensor], padded: bool = True) -> Optional[torch.Tensor]:
+    """The attention mask to hand an encoder so that building it reads nothing back from the device. From a
+    2D padding mask transformers first checks whether every token is real (`mask.all()`, a wait for the GPU
+    on every forward) to leave the mask out. Here the collate says so on the host (`padded`): no padding,
+    no mask (so SDPA may pick its fastest kernel); padding under SDPA attention, the 4D boolean key mask
+    transformers would build (True: attend), which it takes as it is. Other attention implementations
+    get the 2D mask."""
+    if attention_mask is None or not padded:
+        return None
+    if attention_mask.ndim == 2 and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return attention_mask.bool()[:, None, None, :]
+    return attention_mask
+
+
+def is_padded(rows) -> bool:
+    """Whether right-padding these rows to the longest adds any padding (a host-side fact for encoder_mask)."""
+    lengths = {len(r) for r in rows}
+    return len(lengths) > 1

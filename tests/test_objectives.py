@@ -350,3 +350,32 @@ def test_masked_rows_by_host_positions_equal_the_boolean_selection():
     by_positions, by_mask = masked_rows(hidden, labels, positions), masked_rows(hidden, labels)
     assert positions.numel() > 0
     assert torch.equal(by_positions[0], by_mask[0]) and torch.equal(by_positions[1], by_mask[1])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_encoder_mask_gives_the_hidden_states_of_the_padding_mask(implementation):
+    """models.encoder_mask (what the text objectives hand the encoder, built without reading the device): for a
+    padded batch under SDPA the 4D boolean key mask, under other attention the 2D mask as it is; for a batch
+    without padding no mask. Each must give the encoder's hidden states for the plain 2D padding mask."""
+    from transformers import BertConfig, BertModel
+
+    from lmssl.models import encoder_mask, is_padded
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, attn_implementation=implementation)).eval()
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    assert is_padded(rows) and not is_padded([[1, 2], [3, 4]])
+    ids = torch.tensor([r + [0] * (6 - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (6 - len(r)) for r in rows])
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        given = encoder_mask(model, mask, padded=True)
+        assert given.ndim == (4 if implementation == "sdpa" else 2)
+        ours = model(input_ids=ids, attention_mask=given).last_hidden_state
+        unmasked = model(input_ids=ids, attention_mask=None).last_hidden_state
+        assert encoder_mask(model, torch.ones_like(mask), padded=False) is None
+        full = model(input_ids=ids, attention_mask=torch.ones_like(mask)).last_hidden_state
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
+    assert (unmasked - plain).abs().max() > 1e-3               # the mask matters in this batch
+    torch.testing.assert_close(unmasked, full, rtol=0, atol=1e-6)

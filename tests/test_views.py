@@ -519,3 +519,30 @@ def test_views_on_cuda_equal_views_on_cpu(cifar):
     views = draw_views(20, 32, 32, ViewOptions(solarize=0.3), gen(41))
     on_gpu = apply_views(cifar.cuda(), {k: v.cuda() for k, v in views.items()}, 32)
     torch.testing.assert_close(on_gpu.cpu(), apply_views(cifar, views, 32), rtol=0, atol=1e-4)
+
+
+def test_planned_views_read_nothing_back_from_the_device(cifar):
+    """With plan_views' host entries (the collate adds them), apply_views runs on the meta device, where any
+    read of a value raises: no branch, nonzero or copy waits for a GPU. Without them it must read the choices
+    (and does: it raises there). The plan lists, per jitter position, the views of each step in index order."""
+    from lmssl.data.views import jitter_plan, plan_views
+
+    views = draw_views(20, 32, 32, ViewOptions(solarize=0.3), gen(43))
+    perm, counts = jitter_plan(views["jitter"], views["order"])
+    active = (views["jitter"] != torch.tensor([1.0, 1, 1, 0])).any(1)
+    for position in range(4):
+        start = 0
+        for op in range(4):
+            rows = (active & (views["order"][:, position] == op)).nonzero().squeeze(1)
+            assert torch.equal(perm[position, start:start + counts[position][op]], rows)
+            start += counts[position][op]
+    planned = {**views, **plan_views(views)}
+    assert planned["plan"]["steps"] == (True, True, True, True)
+    meta = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in planned.items()}
+    out = apply_views(cifar.to("meta"), meta, 24, [0.5] * 3, [0.25] * 3)
+    assert out.shape == (20, 3, 24, 24) and out.device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        apply_views(cifar.to("meta"), {k: v.to("meta") for k, v in views.items()}, 24)
+    torch.testing.assert_close(apply_views(cifar, planned, 24), apply_views(cifar, views, 24), rtol=0, atol=0)
+    quiet = plan_views(draw_views(20, 32, 32, ViewOptions(jitter=0, grayscale=0, blur=0), gen(43)))
+    assert quiet["plan"]["steps"] == (False, False, False, False)

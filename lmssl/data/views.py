@@ -7,10 +7,15 @@ Two steps, so that views are exact on resume and can be made on any device:
 per-batch seed), as small tensors; `apply_views` turns uint8 images and those choices into float
 views, deterministically, on whatever device the images are on (the training GPU, or the CPU in
 the collate function). torchvision is not needed (it does not import beside every torch build).
+
+Nothing is read back from the device: which steps run, and on which views each color-jitter step runs,
+is decided on the host from the CPU choices (`plan_views`, added to the batch by the collate), so
+making views on a GPU never waits for it (tests/test_views.py runs them on the meta device to show it).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -144,8 +149,14 @@ def crop_resize_flip(images: torch.Tensor, crop: torch.Tensor, flip: torch.Tenso
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(n, 3, H, W) -> (n, 1, H, W) luminance."""
-    w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return (x * _constant(LUMA, x.device, x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor on `device`, made once: copying it from the host on every batch would wait
+    for the device (a synchronous copy) each time."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -179,19 +190,34 @@ def _jitter_op(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(torch.cat([(hsv[:, :1] + factor) % 1.0, hsv[:, 1:]], 1))
 
 
-def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def jitter_plan(jitter: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Which views each color-jitter step runs on, read from the (CPU) choices: per position in the order,
+    the views sorted by their step there ((4, n) indices, views without jitter last) and how many take each
+    of the four steps (4 x 4 Python ints). With these, color_jitter reads nothing back from the device."""
+    active = (jitter != torch.tensor(NO_JITTER, dtype=jitter.dtype)).any(1)
+    group = torch.where(active[:, None], order, 4)                                # (n, 4): step per position, 4 = none
+    perm = torch.argsort(group.T, dim=1, stable=True)                             # (4, n)
+    counts = tuple(tuple(int(c) for c in torch.bincount(group[:, position], minlength=5)[:4].tolist())
+                   for position in range(4))
+    return perm, counts
+
+
+def color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor, plan=None) -> torch.Tensor:
     """Brightness, contrast, saturation (multiplicative factors) and hue (a shift in turns) per image,
     applied in each image's own random order, clamped to [0, 1] after each step. A factor of 1 and a
     shift of 0 leave the image as it is. Each step runs only on the images whose turn it is, and only
-    images with a jitter at all are touched."""
-    jitter, order = jitter.to(x.device, x.dtype), order.to(x.device)
-    active = (jitter != torch.tensor(NO_JITTER, device=x.device, dtype=x.dtype)).any(1)
+    images with a jitter at all are touched. `plan` is jitter_plan's (computed here when not given, which
+    reads the choices: free on the CPU, a stall on an accelerator)."""
+    perm, counts = plan if plan is not None else jitter_plan(jitter.cpu(), order.cpu())
+    jitter, perm = jitter.to(x.device, x.dtype), perm.to(x.device)
     x = x.clone()
     for position in range(4):
-        for op in range(4):
-            rows = (active & (order[:, position] == op)).nonzero().squeeze(1)
-            if rows.numel():
+        start = 0
+        for op, count in enumerate(counts[position]):
+            if count:
+                rows = perm[position, start:start + count]
                 x[rows] = _jitter_op(op, x[rows], jitter[rows, op].view(-1, 1, 1, 1)).clamp(0, 1)
+            start += count
     return x
 
 
@@ -213,21 +239,35 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(n, c, height, width)
 
 
+def plan_views(views: dict) -> dict:
+    """What apply_views must know on the host, from draw_views' CPU choices: `plan` (which of jitter, gray,
+    blur and solarize any view takes, and color_jitter's counts, all Python values) and `jitter_perm`
+    (a tensor, moved with the batch). The collate adds these (flatten_views), so making views on the
+    training device never reads a value back from it (no host sync in the step)."""
+    perm, counts = jitter_plan(views["jitter"], views["order"])
+    steps = (any(sum(c) for c in counts), bool(views["gray"].any()), bool((views["sigma"] > 0).any()),
+             bool(views["solarize"].any()))
+    return {"plan": {"steps": steps, "jitter_counts": counts}, "jitter_perm": perm}
+
+
 def apply_views(images: torch.Tensor, views: dict, size: int, mean=None, std=None) -> torch.Tensor:
     """uint8 (n, 3, H, W) images and the choices of `draw_views` for n views -> float (n, 3, size,
-    size), normalized with `mean` and `std` when given (else in [0, 1]). Deterministic."""
+    size), normalized with `mean` and `std` when given (else in [0, 1]). Deterministic. Steps no view takes
+    are skipped, as `plan_views` says; without its entries they are computed here from the choices (which
+    reads them back when they are on an accelerator)."""
+    if "plan" not in views:
+        views = {**views, **plan_views({k: v.cpu() for k, v in views.items()})}
+    jittered, gray, blurred, solarized = views["plan"]["steps"]
     x = images.float() / 255.0
     x = crop_resize_flip(x, views["crop"], views["flip"], size).clamp(0, 1)
-    jitter = views["jitter"].to(x.device)
-    if bool((jitter != torch.tensor(NO_JITTER, device=x.device)).any()):
-        x = color_jitter(x, jitter, views["order"])
-    gray = views["gray"].to(x.device).view(-1, 1, 1, 1)
-    if bool(gray.any()):
-        x = torch.where(gray, grayscale(x).expand_as(x), x)
-    if bool((views["sigma"] > 0).any()):
+    if jittered:
+        x = color_jitter(x, views["jitter"], views["order"], (views["jitter_perm"], views["plan"]["jitter_counts"]))
+    if gray:
+        x = torch.where(views["gray"].to(x.device).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    if blurred:
         x = gaussian_blur(x, views["sigma"])
-    solar = views["solarize"].to(x.device).view(-1, 1, 1, 1)
-    if bool(solar.any()):
+    if solarized:
+        solar = views["solarize"].to(x.device).view(-1, 1, 1, 1)
         x = torch.where(solar & (x >= 0.5), 1.0 - x, x)
     return normalize(x, mean, std)
 
@@ -236,8 +276,8 @@ def normalize(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     """Per-channel (x - mean) / std for float images in [0, 1]; unchanged when mean is None."""
     if mean is None:
         return x
-    mean = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = _constant(tuple(float(m) for m in mean), x.device, x.dtype).view(1, -1, 1, 1)
+    std = _constant(tuple(float(s) for s in std), x.device, x.dtype).view(1, -1, 1, 1)
     return (x - mean) / std
 
 

@@ -92,8 +92,11 @@ class Objective(Protocol):
         """The module the loop trains and checkpoints: the model, or the model wrapped with heads (a method
         may keep it, to save its heads beside the model: SimCLR's projection head)."""
 
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """One batch: padding, masks, views. The loop has seeded every RNG for this batch."""
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """One batch: padding, masks, views. The loop has seeded every RNG for this batch. Values are tensors
+        (the loop moves them to the device) or plain Python data (numbers, strings, tuples and dicts of them),
+        which stay on the host as they are: what loss() must know to choose a branch goes there, computed
+        here from CPU tensors, so that loss() never reads it back from the device (views.plan_views)."""
 
     def loss(self, module, batch) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
         """The training loss and its statistics, (sum, count) per name in stat_names. Sums (and counts) may be

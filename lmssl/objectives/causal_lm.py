@@ -92,7 +92,10 @@ class ShiftedCausalLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids=None):
         # Right padding under a causal mask never reaches a real token, so no attention mask is
         # passed; that (and no cache) lets transformers read packed documents from restarting position ids.
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
+        # The embeddings go in, not the ids: given ids and no mask, transformers looks for padding in them
+        # first (a read of the device on every forward), to warn.
+        embeds = self.model.get_input_embeddings()(input_ids)
+        hidden = self.model.base_model(inputs_embeds=embeds, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
         targets = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], -100).reshape(-1)   # (batch*(seq-1),)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])

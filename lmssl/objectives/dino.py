@@ -152,8 +152,9 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
         targets = targets.view(global_views, n, -1)                                 # (G, n, K)
         log_p = F.log_softmax(fp32(student_logits) / student_temp, dim=-1).view(views, n, -1)  # (V, n, K)
         cross = -torch.einsum("gnk,vnk->gv", targets, log_p) / n                    # (G, V) mean over images
-        pairs = ~torch.eye(global_views, views, dtype=torch.bool, device=cross.device)  # a view never meets itself
-        return cross[pairs].mean()
+        same = torch.eye(global_views, views, dtype=torch.bool, device=cross.device)  # a view never meets itself
+        # masked out rather than selected (cross[~same] would read the mask's size back from the device)
+        return cross.masked_fill(same, 0.0).sum() / (global_views * views - min(global_views, views))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lmssl.data.packing import Packing
 from lmssl.errors import RecipeError
-from lmssl.models import MASKED_FAMILIES, build_config
+from lmssl.models import MASKED_FAMILIES, build_config, encoder_mask, is_padded
 from lmssl.objectives.base import TextObjective
 from lmssl.schema import Range, check_ranges
 
@@ -85,10 +85,11 @@ class SparseHeadMLM(torch.nn.Module):
         state dict (torch.distributed.checkpoint keys shards by name)."""
         return self.model.cls if hasattr(self.model, "cls") else self.model.lm_head
 
-    def forward(self, input_ids, attention_mask, labels, masked_positions=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, labels, masked_positions=None, token_type_ids=None, padded=True):
         encoder = self.model.base_model
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        mask = encoder_mask(self.model, attention_mask, padded)          # built without reading the device
+        hidden = encoder(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
         hidden, targets = masked_rows(hidden, labels, masked_positions)   # (n_masked, hidden), (n_masked,)
         logits = self.head(hidden)                                  # (n_masked, vocab)
         loss = F.cross_entropy(logits.float(), targets)
@@ -158,7 +159,8 @@ class MaskedLM(TextObjective):
         inputs, labels = mask_tokens(input_ids, maskable, self.options, self.tokenizer.mask_token_id,
                                      len(self.tokenizer), starts)
         batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels,
-                 "masked_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1)}   # on the host, here
+                 "masked_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1),   # on the host, here
+                 "padded": is_padded([e["input_ids"] for e in examples])}                # a Python bool
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = pad_rows([e["token_type_ids"] for e in examples], 0)
         return batch

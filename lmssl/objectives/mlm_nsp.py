@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lmssl.data.pairs import build_pair_dataset, tokenize_sentences
 from lmssl.errors import RecipeError
-from lmssl.models import build_config
+from lmssl.models import build_config, encoder_mask
 from lmssl.objectives.mlm import MaskedLM, masked_rows
 from lmssl.objectives.mlm import Options as MaskOptions
 from lmssl.schema import Range
@@ -33,8 +33,10 @@ class PreTrainingHeads(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, pair_label, masked_positions=None):
-        out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    def forward(self, input_ids, attention_mask, token_type_ids, labels, pair_label, masked_positions=None,
+                padded=True):
+        out = self.model.bert(input_ids=input_ids, attention_mask=encoder_mask(self.model, attention_mask, padded),
+                              token_type_ids=token_type_ids)
         hidden, targets = masked_rows(out.last_hidden_state, labels, masked_positions)  # masked tokens only
         logits = self.model.cls.predictions(hidden)                         # (n_masked, vocab)
         mlm_loss = F.cross_entropy(logits.float(), targets)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lmssl.collectives import gather_with_grad
 from lmssl.errors import LmsslError, RecipeError
-from lmssl.models import MASKED_FAMILIES, build_config, warm_start_overrides
+from lmssl.models import MASKED_FAMILIES, build_config, encoder_mask, is_padded, warm_start_overrides
 from lmssl.objectives.base import TextObjective
 from lmssl.objectives.mlm import pad_rows
 from lmssl.schema import Range, check_ranges
@@ -137,9 +137,11 @@ class SentenceEncoder(torch.nn.Module):
         # The paper's MLPLayer (dense + tanh, as BERT's pooler), freshly initialized and dropped at save.
         self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh()) if pooling == "cls" else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, project: bool = True) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, project: bool = True,
+                padded: bool = True) -> torch.Tensor:
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        mask = encoder_mask(self.encoder, attention_mask, padded)        # built without reading the device
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)                   # (batch, d)
         return self.mlp(pooled) if project and self.mlp is not None else pooled
 
@@ -203,7 +205,8 @@ class SimCSE(TextObjective):
         """Padded sentences; the second view is made in `loss`, where the forward pass draws dropout."""
         input_ids = pad_rows([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
         attention = pad_rows([[1] * len(e["input_ids"]) for e in examples], 0)
-        return {"input_ids": input_ids, "attention_mask": attention}
+        return {"input_ids": input_ids, "attention_mask": attention,
+                "padded": is_padded([e["input_ids"] for e in examples])}
 
     def training_module(self, model):
         """The encoder with its pooling (and cls's MLP); the STS-B score of the encoder as loaded is taken
@@ -229,7 +232,8 @@ class SimCSE(TextObjective):
         was_training = module.training
         module.train()                 # held-out loss too: two dropout masks (seeded by the caller) make the views
         try:
-            z = module(ids.repeat(2, 1), mask.repeat(2, 1))                   # (2n, d): rows i and n+i are sentence i
+            # (2n, d): rows i and n+i are sentence i
+            z = module(ids.repeat(2, 1), mask.repeat(2, 1), padded=batch.get("padded", True))
         finally:
             module.train(was_training)
         loss, hits = simcse_loss(z[:n], z[n:], self.options.temperature)

@@ -12,7 +12,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from lmssl.data.views import draw_views, to_pixels
+from lmssl.data.views import draw_views, plan_views, to_pixels
 from lmssl.errors import LmsslError, RecipeError
 from lmssl.models import IMAGE_FAMILIES, vit_input
 from lmssl.objectives.base import BaseObjective, Splits
@@ -77,9 +77,11 @@ def stack_images(examples: list[dict]) -> torch.Tensor:
     return torch.from_numpy(np.stack([e["pixels"] for e in examples]))
 
 
-def flatten_views(views: dict, prefix: str) -> dict[str, torch.Tensor]:
-    """draw_views' choices as flat batch entries `<prefix>.<name>` (the loop moves tensors, not dicts)."""
-    return {f"{prefix}.{k}": v for k, v in views.items()}
+def flatten_views(views: dict, prefix: str) -> dict:
+    """draw_views' choices, and the plan apply_views follows (plan_views: read here, on the host, so that the
+    training device never waits to be read), as flat batch entries `<prefix>.<name>` (the loop moves
+    tensors, not dicts; the plan's Python values stay as they are)."""
+    return {f"{prefix}.{k}": v for k, v in {**views, **plan_views(views)}.items()}
 
 
 def views_of(batch: dict, prefix: str) -> dict[str, torch.Tensor]:
