@@ -69,11 +69,12 @@ class ResumableBatches(torch.utils.data.Sampler):
                 epoch = g // self.per_epoch
                 if self.shuffle:
                     perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7 + epoch))
+                    perm = perm.tolist()                 # a host tensor, read once per epoch
                 else:
-                    perm = torch.arange(self.n)
+                    perm = list(range(self.n))
             begin = ((g % self.per_epoch) * self.world + self.rank) * self.bs
             key = batch_key(self.seed, g, self.rank)
-            yield [(key, int(i)) for i in perm[begin:begin + self.bs]]
+            yield [(key, i) for i in perm[begin:begin + self.bs]]
 
 
 def make_collate(collate):

@@ -186,3 +186,42 @@ def test_only_the_newest_k_checkpoints_are_kept(accelerator, tmp_path):
           accelerator, tmp_path / "o", tmp_path / "ckpt", seed=0, accumulation=1)
     assert [c.name for c in checkpoint.checkpoints(tmp_path / "ckpt")] == ["step-00000040", "step-00000030"]
     assert not list((tmp_path / "ckpt").glob(".tmp-*")), "no temporary folder is left behind"
+
+
+class DeviceStats(Regression):
+    """Regression whose statistics stay tensors, as the objective contract asks."""
+
+    def loss(self, module, batch):
+        pred = module(batch["x"]).squeeze(-1)
+        loss = ((pred - batch["y"]) ** 2).mean()
+        n = float(batch["y"].shape[0])
+        return loss, {"loss": (loss.detach() * n, n)}
+
+
+def test_the_loop_reads_the_device_once_per_log_not_per_step(accelerator, tmp_path, monkeypatch):
+    """Every .item(), .tolist(), float(), int() and bool() of a tensor in the loop (lmssl/training.py's train,
+    not the sampler, whose permutation is a host tensor) is counted: one read per log_every (the summed
+    statistics and non-finite counters at once) and two at the end, whatever the number of steps and
+    micro-batches (the end reads the two non-finite counters); a per-step read would add 20 here."""
+    import os
+    import sys
+
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.endswith(f"lmssl{os.sep}training.py") and frame.f_code.co_name != "__iter__":
+                reads.append(f"{frame.f_code.co_name}:{frame.f_lineno} {_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    counts = {}
+    for steps in (20, 40):
+        reads.clear()
+        result = train(DeviceStats(), make_model(), make_data(), None, config(max_steps=steps, log_every=10),
+                       accelerator, tmp_path / str(steps), None, seed=0, accumulation=2)
+        assert result.steps == steps and len([h for h in result.history if "train/loss" in h]) == steps // 10
+        counts[steps] = len(reads)
+    assert counts[20] == 2 + 2 and counts[40] == 4 + 2, (counts, reads)
