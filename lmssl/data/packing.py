@@ -41,10 +41,10 @@ def blocks_table(blocks: list[dict[str, list[int]]], dtypes: dict[str, str]):
     lengths = np.fromiter((len(b["input_ids"]) for b in blocks), dtype=np.int64, count=len(blocks))
     offsets = np.zeros(len(blocks) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    offsets = pa.array(offsets)
+    total, offsets = int(offsets[-1]), pa.array(offsets)
     columns = {}
     for name, dtype in dtypes.items():
-        flat = np.fromiter(chain.from_iterable(b[name] for b in blocks), dtype=dtype, count=int(offsets[-1].as_py()))
+        flat = np.fromiter(chain.from_iterable(b[name] for b in blocks), dtype=dtype, count=total)
         columns[name] = pa.ListArray.from_arrays(offsets, pa.array(flat))
     return pa.table(columns)
 
@@ -93,16 +93,14 @@ def tokenize_column(dataset, tokenizer, column: str, desc: str = "tokenizing", w
     and the result is cached by the datasets fingerprint, so a second run reads it instead."""
     import datasets
 
-    append = list(append or [])
+    append = tuple(append or ())
 
     def encode(batch):
         texts = [t for t in batch[column] if t and t.strip()]
-        if not texts:
-            return {"ids": [], **({"word_starts": []} if with_word_starts else {})}
-        enc = tokenizer(texts, add_special_tokens=False)
-        out = {"ids": [ids + append for ids in enc["input_ids"]]}
+        encoded = encode_texts(tokenizer, texts, append, with_word_starts) if texts else []
+        out = {"ids": [ids for ids, _ in encoded]}
         if with_word_starts:
-            out["word_starts"] = [word_starts_of(enc, i) + [1] * len(append) for i in range(len(texts))]
+            out["word_starts"] = [starts for _, starts in encoded]
         return out
 
     features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")),
@@ -155,17 +153,22 @@ class Packing:
                            remove_columns=dataset.column_names, desc=desc)
 
     def encode(self, tokenizer, texts: list[str]) -> list[tuple[list[int], Optional[list[int]]]]:
-        """(ids, word starts or None) per document, as tokenize_column makes them. Without word starts a fast
-        tokenizer's backend encodes the batch directly (encode_batch_fast: no offsets, no BatchEncoding), which
-        gives the same ids when the backend neither truncates nor pads (as the wrapper sets it for this call)."""
-        tail = list(self.append)
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        if not self.word_starts and backend is not None and backend.truncation is None and backend.padding is None:
-            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            return [(e.ids + tail, None) for e in encode(texts, add_special_tokens=False)]
-        enc = tokenizer(texts, add_special_tokens=False)
-        return [(ids + tail, word_starts_of(enc, i) + [1] * len(tail) if self.word_starts else None)
-                for i, ids in enumerate(enc["input_ids"])]
+        """(ids, word starts or None) per document: encode_texts with this spec's `append`."""
+        return encode_texts(tokenizer, texts, self.append, self.word_starts)
+
+
+def encode_texts(tokenizer, texts: list[str], append: tuple[int, ...] = (), word_starts: bool = False):
+    """(ids + append, word starts or None) per text, no special tokens. Without word starts a fast tokenizer's
+    backend encodes the batch directly (encode_batch_fast: no offsets, no BatchEncoding), which gives the same
+    ids when the backend neither truncates nor pads (as the wrapper sets it for this call)."""
+    tail = list(append)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if not word_starts and backend is not None and backend.truncation is None and backend.padding is None:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [(e.ids + tail, None) for e in encode(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False)
+    return [(ids + tail, word_starts_of(enc, i) + [1] * len(tail) if word_starts else None)
+            for i, ids in enumerate(enc["input_ids"])]
 
 
 class BlockPacker:

@@ -23,6 +23,11 @@ def _revision(cfg: DataConfig) -> dict:
     return {"revision": cfg.revision} if cfg.revision else {}
 
 
+def _split_files(cfg: DataConfig):
+    """data.files as {split: patterns} (a bare pattern or list is the train split's), or None."""
+    return {"train": cfg.files} if isinstance(cfg.files, (str, list)) else cfg.files
+
+
 def _load(cfg: DataConfig, split: str):
     import datasets
 
@@ -32,9 +37,7 @@ def _load(cfg: DataConfig, split: str):
 
         return datasets.load_dataset("json", data_files={"train": str(builtin_file(cfg.path.split(":", 1)[1]))},
                                      split="train")
-    files = cfg.files
-    if isinstance(files, str) or isinstance(files, list):
-        files = {"train": files}
+    files = _split_files(cfg)
     if cfg.path == "text" and not cfg.streaming and files and split in files and not cfg.options:
         local = _local_files(files[split])
         if local is not None:
@@ -96,9 +99,7 @@ def stream_split(cfg: DataConfig, split: str):
     (one shard per file), a builtin set as one shard, anything else through load_dataset(streaming=True)."""
     import datasets
 
-    files = cfg.files
-    if isinstance(files, (str, list)):
-        files = {"train": files}
+    files = _split_files(cfg)
     if cfg.path == "text" and files and split in files and not cfg.options:
         local = _local_files(files[split])
         if local is not None:

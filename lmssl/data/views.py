@@ -197,8 +197,7 @@ def jitter_plan(jitter: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor
     active = (jitter != torch.tensor(NO_JITTER, dtype=jitter.dtype)).any(1)
     group = torch.where(active[:, None], order, 4)                                # (n, 4): step per position, 4 = none
     perm = torch.argsort(group.T, dim=1, stable=True)                             # (4, n)
-    counts = tuple(tuple(int(c) for c in torch.bincount(group[:, position], minlength=5)[:4].tolist())
-                   for position in range(4))
+    counts = tuple(tuple(torch.bincount(group[:, position], minlength=5)[:4].tolist()) for position in range(4))
     return perm, counts
 
 
